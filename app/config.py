@@ -1,0 +1,200 @@
+"""One typed, frozen configuration for the whole farm.
+
+Precedence, lowest first: defaults < TOML file (``CTR_FARM_CONFIG``) < environment
+(``CTR_FARM_<SETTING>``) < command-line flags. This is the only module that reads
+``os.environ``; everything else receives a :class:`Config`.
+
+A bad value stops the boot with a message that names the setting
+(:class:`ConfigError`), never a traceback deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "CTR_FARM_"
+ENV_FILE = "CTR_FARM_CONFIG"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting."""
+
+
+class StageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One stage of the cascade: which model scores, and how many candidates it keeps.
+
+    ``keep_k`` of the first stage is the request's ``stage1_k`` default; the last stage
+    always keeps the request's ``top_k``. Middle stages (if any) keep ``keep_k``.
+    """
+
+    model: str
+    keep_k: Positive | None = None
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every setting of the farm, typed and documented once."""
+
+    # -- models ------------------------------------------------------------------------
+    #: Model directories (``models/<name>/<version>``, holding model.onnx + card.json).
+    deepfm_model: str = "models/deepfm/1"
+    autoint_model: str = "models/autoint/1"
+    #: The cascade, in order. A third stage or another model is a config change.
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(model="deepfm", keep_k=100),
+        StageConfig(model="autoint"),
+    )
+    #: Model that scores ``/predict`` and the single-stage baseline (``multi_stage: false``).
+    predict_model: str = "autoint"
+    #: Verify the sha256 in card.json against model.onnx at load time.
+    verify_sha256: bool = True
+
+    # -- sessions ----------------------------------------------------------------------
+    #: ONNX Runtime sessions per model per worker process (bounds concurrent inference).
+    pool_size: Positive = 1
+    intra_threads: Positive = 1
+    inter_threads: Positive = 1
+    #: Where inference runs: ``executor`` = a thread pool of ``pool_size`` threads so the
+    #: event loop keeps serving; ``inline`` = on the event loop thread.
+    inference: Literal["executor", "inline"] = "executor"
+    #: Warm-up batches per session before ``/ready`` says yes.
+    warmup_runs: Annotated[int, msgspec.Meta(ge=0)] = 3
+
+    # -- request limits (documented in README "Limits") -------------------------------
+    max_candidates: Positive = 5000
+    max_body_bytes: Positive = 8 * 1024 * 1024
+    default_top_k: Positive = 10
+    max_predict_candidates: Positive = 64
+
+    # -- processes and network ---------------------------------------------------------
+    workers: Positive = 2
+    worker_class: Literal["uvicorn", "gthread", "sync"] = "uvicorn"
+    #: Threads per worker when ``worker_class`` is gthread.
+    threads: Positive = 1
+    host: str = "127.0.0.1"
+    #: The port nginx listens on.
+    port: Port = 8080
+    #: Give every gunicorn worker its own unix socket so nginx balances across them
+    #: (see docs/ARCHITECTURE.md for the measured split); else one shared socket.
+    per_worker_sockets: bool = True
+    #: Runtime directory for sockets, pid files and nginx temp files.
+    run_dir: str = "run"
+    #: nginx's idle keepalive to the upstream; gunicorn's keepalive is kept above it.
+    upstream_keepalive_s: Positive = 60
+    graceful_timeout_s: Positive = 30
+    worker_timeout_s: Positive = 60
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: nginx binary (found on PATH or /usr/sbin).
+    nginx_bin: str = "nginx"
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is required")
+        known = set(self.model_dirs())
+        for i, stage in enumerate(self.stages):
+            if stage.model not in known:
+                raise ConfigError(
+                    f"stages[{i}].model: unknown model {stage.model!r}; known: {sorted(known)}"
+                )
+        if self.predict_model not in known:
+            raise ConfigError(f"predict_model: unknown model {self.predict_model!r}")
+
+    # -- derived values ------------------------------------------------------------------
+    def model_dirs(self) -> dict[str, Path]:
+        """Model name -> absolute directory of the version served."""
+        return {"deepfm": self.path(self.deepfm_model), "autoint": self.path(self.autoint_model)}
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the repository root."""
+        p = Path(value)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    @property
+    def run_path(self) -> Path:
+        return self.path(self.run_dir)
+
+    @property
+    def default_stage1_k(self) -> int:
+        return self.stages[0].keep_k or 100
+
+    @property
+    def gunicorn_keepalive_s(self) -> int:
+        # Keep gunicorn's idle keepalive above nginx's so nginx never sends a request
+        # on a connection the worker is closing at the same moment.
+        return self.upstream_keepalive_s + 15
+
+    def worker_socket(self, slot: int) -> Path:
+        return self.run_path / f"worker-{slot}.sock"
+
+    @property
+    def shared_socket(self) -> Path:
+        return self.run_path / "gunicorn.sock"
+
+
+def _fields() -> dict[str, Any]:
+    return {f.name: f for f in msgspec.structs.fields(Config)}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in _fields().items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        if name == "stages":
+            # "deepfm:100,autoint" -> stages; the TOML file is the richer form.
+            out[name] = [_parse_stage(part) for part in raw.split(",") if part.strip()]
+        elif field.type is bool:
+            out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            out[name] = raw
+    return out
+
+
+def _parse_stage(text: str) -> dict[str, Any]:
+    model, _, keep = text.strip().partition(":")
+    return {"model": model, "keep_k": keep or None}
+
+
+def load(
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Build the Config: defaults < file < env < ``overrides`` (CLI flags)."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    file = file or env.get(ENV_FILE)
+    if file:
+        try:
+            merged.update(tomllib.loads(Path(file).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{ENV_FILE}: cannot read config file {file!s}: {exc}") from exc
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+
+
+def to_env(config: Config) -> dict[str, str]:
+    """The environment that reproduces ``config`` in child processes (honcho, gunicorn)."""
+    out: dict[str, str] = {}
+    for name in _fields():
+        value = getattr(config, name)
+        if name == "stages":
+            value = ",".join(f"{s.model}:{s.keep_k}" if s.keep_k else s.model for s in value)
+        elif isinstance(value, bool):
+            value = "1" if value else "0"
+        out[ENV_PREFIX + name.upper()] = str(value)
+    return out

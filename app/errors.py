@@ -1,0 +1,85 @@
+"""The error tree. Every error the farm returns is one of these, with a stable code.
+
+    FarmError                      (500 internal_error)
+    ├── ClientError                (400)
+    │   ├── MalformedBody          (400 malformed_body)    body is not valid JSON/msgpack
+    │   ├── InvalidRequest         (400 invalid_request)   valid body, bad shape or value
+    │   ├── PayloadTooLarge        (413 payload_too_large)
+    │   ├── UnsupportedMediaType   (415 unsupported_media_type)
+    │   ├── NotFound               (404 not_found)
+    │   └── MethodNotAllowed       (405 method_not_allowed)
+    └── ServerError                (5xx)
+        ├── ModelError             (500 model_error)       ORT raised or scores not finite
+        ├── NotReady               (503 not_ready)         models not loaded yet / draining
+        └── ModelLoadError         (boot)                   a model cannot load: the worker stops
+
+Foreign errors (msgspec, ONNX Runtime) are translated at the boundary with
+``raise ... from exc``; the message never carries a traceback or a file path.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class FarmError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class ClientError(FarmError):
+    status = 400
+    code = "bad_request"
+
+
+class MalformedBody(ClientError):
+    code = "malformed_body"
+
+
+class InvalidRequest(ClientError):
+    code = "invalid_request"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class ServerError(FarmError):
+    status = 500
+    code = "server_error"
+
+
+class ModelError(ServerError):
+    code = "model_error"
+
+
+class NotReady(ServerError):
+    status = 503
+    code = "not_ready"
+
+
+class ModelLoadError(ServerError):
+    """Raised at start-up only: the worker must not serve with a model missing."""
+
+    code = "model_load_error"

@@ -1,0 +1,194 @@
+"""Candidates (objects, rows or columns; JSON or msgpack) -> int64 id matrix, with OOV mapping.
+
+The three accepted forms of ``candidates``, for fields ``f1..fk`` in card order::
+
+    objects:  [{"f1": 3, "f2": 7, ...}, ...]        (the reference API's form)
+    rows:     [[3, 7, ...], ...]                   (ids in card field order)
+    columns:  {"f1": [3, ...], "f2": [7, ...], ...}  (cheapest to decode)
+
+The form is told from the first bytes of the raw value, then a decoder built once per
+(form, content type) at start-up decodes it straight into typed Python values, which
+become one C-contiguous ``int64`` matrix ``[n, k]``. Ids outside ``[0, vocab_size)``
+map to the field's OOV index and are counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+
+from app.errors import InvalidRequest, MalformedBody
+from app.schema import CardField
+
+Form = Literal["objects", "rows", "columns"]
+ContentKind = Literal["json", "msgpack"]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Ids must fit int64; values outside the vocabulary are legal and map to OOV.
+Id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+
+_JSON_WS = b" \t\r\n"
+_PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def error_from_msgspec(exc: msgspec.MsgspecError, prefix: str) -> InvalidRequest | MalformedBody:
+    """Translate a msgspec error into ours, re-rooting its path under ``prefix``."""
+    match = _PATH_RE.match(str(exc))
+    msg = match.group("msg") if match else str(exc)
+    path = match.group("path") if match and match.group("path") is not None else ""
+    field = (prefix + path).lstrip(".") or None
+    if isinstance(exc, msgspec.ValidationError):
+        return InvalidRequest(msg, field=field)
+    return MalformedBody(msg, field=field)
+
+
+class OOVCounter:
+    """Per-process count of ids mapped to the OOV bucket, by field (thread-safe)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._counts = np.zeros(len(names), dtype=np.int64)
+        self._lock = threading.Lock()
+
+    def add(self, per_field: np.ndarray) -> None:
+        with self._lock:
+            self._counts += per_field
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(zip(self.names, self._counts.tolist(), strict=True))
+
+
+class FeatureSpace:
+    """Decodes candidates for one field layout (a model card's ``fields``)."""
+
+    def __init__(self, fields: Sequence[CardField], max_candidates: int) -> None:
+        self.names = tuple(f.name for f in fields)
+        self.width = len(self.names)
+        self.max_candidates = max_candidates
+        self._vocab = np.array([f.vocab_size for f in fields], dtype=np.int64)
+        self._oov = np.array([f.oov_index for f in fields], dtype=np.int64)
+        self.oov_counter = OOVCounter(self.names)
+
+        bounded = msgspec.Meta(min_length=1, max_length=max_candidates)
+        obj = msgspec.defstruct(
+            "Candidate", [(n, Id) for n in self.names], forbid_unknown_fields=True, gc=False
+        )
+        row = tuple.__class_getitem__((Id,) * self.width)  # fixed length: msgspec checks it
+        cols = msgspec.defstruct(
+            "CandidateColumns",
+            [(n, Annotated[list[Id], bounded]) for n in self.names],
+            forbid_unknown_fields=True,
+        )
+        types: dict[Form, Any] = {
+            "objects": Annotated[list[obj], bounded],
+            "rows": Annotated[list[row], bounded],
+            "columns": cols,
+        }
+        self._decoders: dict[tuple[ContentKind, Form], Any] = {}
+        for form, typ in types.items():
+            self._decoders["json", form] = msgspec.json.Decoder(typ)
+            self._decoders["msgpack", form] = msgspec.msgpack.Decoder(typ)
+        self._single = {
+            "json": msgspec.json.Decoder(obj),
+            "msgpack": msgspec.msgpack.Decoder(obj),
+        }
+
+    # -- decoding ------------------------------------------------------------------------
+    def decode(self, raw: bytes | msgspec.Raw, kind: ContentKind, path: str = "candidates"):
+        """Raw ``candidates`` value -> (ids matrix [n, k] int64 with OOV mapped, form)."""
+        form = detect_form(bytes(memoryview(raw)[:16]), kind)
+        if form is None:
+            raise InvalidRequest(
+                "Expected an array of candidates (objects or rows) or an object of columns",
+                field=path,
+            )
+        if form == "empty":
+            raise InvalidRequest("Expected at least one candidate", field=path)
+        try:
+            value = self._decoders[kind, form].decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise error_from_msgspec(exc, path) from exc
+        return self.to_matrix(value, form, path), form
+
+    def decode_one(self, raw: bytes | msgspec.Raw, kind: ContentKind, path: str = "candidate"):
+        try:
+            value = self._single[kind].decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise error_from_msgspec(exc, path) from exc
+        return self.to_matrix([value], "objects", path)
+
+    def to_matrix(self, value: Any, form: Form, path: str) -> np.ndarray:
+        if form == "objects":
+            # PERF: astuple + fromiter(chain) is ~2x np.array(list_of_tuples) for 1000 x 16.
+            flat = itertools.chain.from_iterable(map(msgspec.structs.astuple, value))
+            ids = np.fromiter(flat, dtype=np.int64, count=len(value) * self.width)
+            ids = ids.reshape(len(value), self.width)
+        elif form == "rows":
+            ids = np.array(value, dtype=np.int64).reshape(len(value), self.width)
+        else:
+            columns = msgspec.structs.astuple(value)
+            lengths = {len(c) for c in columns}
+            if len(lengths) != 1:
+                longest = max(range(self.width), key=lambda i: len(columns[i]))
+                raise InvalidRequest(
+                    f"All columns must have the same length; got lengths {sorted(lengths)}",
+                    field=f"{path}.{self.names[longest]}",
+                )
+            ids = np.ascontiguousarray(np.array(columns, dtype=np.int64).T)
+        return self.map_oov(ids)
+
+    def map_oov(self, ids: np.ndarray) -> np.ndarray:
+        """Map out-of-vocabulary and negative ids to each field's OOV index, in place."""
+        bad = (ids < 0) | (ids >= self._vocab)
+        if bad.any():
+            self.oov_counter.add(bad.sum(axis=0))
+            np.copyto(ids, np.broadcast_to(self._oov, ids.shape), where=bad)
+        return ids
+
+
+def detect_form(head: bytes, kind: ContentKind) -> Form | Literal["empty"] | None:
+    """Tell the candidate form from the first bytes of its encoded value."""
+    if kind == "json":
+        head = head.lstrip(_JSON_WS)
+        if not head:
+            return None
+        if head[:1] == b"{":
+            return "columns"
+        if head[:1] != b"[":
+            return None
+        rest = head[1:].lstrip(_JSON_WS)
+        if rest[:1] == b"]":
+            return "empty"
+        # An array whose first element we cannot see (long whitespace) is decoded as
+        # objects; msgspec then reports the precise type error.
+        return "rows" if rest[:1] == b"[" else "objects"
+    return _detect_msgpack(head)
+
+
+def _detect_msgpack(head: bytes) -> Form | Literal["empty"] | None:
+    if not head:
+        return None
+    b = head[0]
+    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+        return "columns"
+    if 0x90 <= b <= 0x9F:
+        n, rest = b & 0x0F, head[1:]
+    elif b == 0xDC and len(head) >= 3:
+        n, rest = int.from_bytes(head[1:3], "big"), head[3:]
+    elif b == 0xDD and len(head) >= 5:
+        n, rest = int.from_bytes(head[1:5], "big"), head[5:]
+    else:
+        return None
+    if n == 0:
+        return "empty"
+    first = rest[0] if rest else 0
+    if 0x90 <= first <= 0x9F or first in (0xDC, 0xDD):
+        return "rows"
+    return "objects"

@@ -1,0 +1,99 @@
+"""Render ``deploy/nginx.conf`` for a Config and run nginx in the foreground.
+
+``python -m app.proxy`` is the Procfile's ``proxy`` entry. The template's ``{{name}}``
+placeholders are filled from the Config; nothing is written outside ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import grp
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from app.config import REPO_ROOT, Config, ConfigError, load
+
+TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf"
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+def upstream_servers(config: Config) -> str:
+    lines = []
+    if config.per_worker_sockets:
+        for slot in range(config.workers):
+            sock = config.worker_socket(slot)
+            lines.append(f"        server unix:{sock} max_fails=1 fail_timeout=1s;")
+        # The shared socket catches traffic while a worker slot is being replaced.
+        lines.append(f"        server unix:{config.shared_socket} backup;")
+    else:
+        lines.append(f"        server unix:{config.shared_socket};")
+    return "\n".join(lines)
+
+
+def render(config: Config, template: Path = TEMPLATE) -> str:
+    user = getpass.getuser()
+    values = {
+        # Only effective as root (CI, a fresh machine): workers must be able to open the
+        # gunicorn sockets, which belong to the invoking user.
+        "user_directive": (
+            f"user {user} {grp.getgrgid(os.getgid()).gr_name};" if os.geteuid() == 0 else ""
+        ),
+        "nginx_workers": "1",
+        "run_dir": str(config.run_path),
+        "access_log": f"{config.run_path}/access.log json buffer=64k flush=1s",
+        "upstream_servers": upstream_servers(config),
+        "upstream_keepalive": str(config.upstream_keepalive_s),
+        "gunicorn_keepalive": str(config.gunicorn_keepalive_s),
+        "host": config.host,
+        "port": str(config.port),
+        "max_body_bytes": str(config.max_body_bytes),
+        "worker_timeout_s": str(config.worker_timeout_s),
+    }
+
+    def fill(match: re.Match[str]) -> str:
+        try:
+            return values[match.group(1)]
+        except KeyError:
+            raise ConfigError(f"{template}: unknown placeholder {match.group(0)}") from None
+
+    return _PLACEHOLDER.sub(fill, template.read_text())
+
+
+def nginx_binary(config: Config) -> str:
+    found = shutil.which(config.nginx_bin) or shutil.which(config.nginx_bin, path="/usr/sbin")
+    if not found:
+        raise ConfigError(
+            f"nginx_bin: {config.nginx_bin!r} not found (apt-get install nginx-light)"
+        )
+    return found
+
+
+def prepare(config: Config) -> list[str]:
+    """Write the rendered config under run_dir; return the nginx command line."""
+    run = config.run_path
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (run / "nginx" / sub).mkdir(parents=True, exist_ok=True)
+    conf = run / "nginx.conf"
+    conf.write_text(render(config))
+    # -e: error log before the config is read (avoids /var/log/nginx when not root).
+    return [nginx_binary(config), "-p", str(run), "-e", "stderr", "-c", str(conf)]
+
+
+def main() -> None:
+    try:
+        config = load()
+        argv = prepare(config)
+    except ConfigError as exc:
+        sys.exit(f"ctr-farm proxy: {exc}")
+    check = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True)
+    if check.returncode != 0:
+        sys.exit(f"ctr-farm proxy: nginx rejects {argv[-1]}:\n{check.stderr}")
+    os.execv(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The wire contract: msgspec Structs for requests, responses and model cards.
+
+Candidates are decoded lazily (``msgspec.Raw``) because their form (objects keyed by
+field name, rows of ids, or columns) is only known once the body is seen, and their
+field names come from the model card; :mod:`app.features` owns that decoding.
+Limits that do not depend on configuration are ``Meta`` constraints here; the
+configured ones (``max_candidates``) are checked in :mod:`app.features`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+#: Request ids are echoed into a header: keep them short and printable.
+REQUEST_ID_MAX = 128
+
+
+# -- requests ------------------------------------------------------------------------------
+class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
+    candidates: msgspec.Raw
+    top_k: PositiveInt | None = None
+    stage1_k: PositiveInt | None = None
+    multi_stage: bool = True
+
+
+class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
+    #: Any of the three candidate forms, or ``candidate`` for exactly one object.
+    #: An empty ``Raw`` means "absent" (msgspec does not allow ``Raw | None``).
+    candidates: msgspec.Raw = msgspec.Raw()
+    candidate: msgspec.Raw = msgspec.Raw()
+    model: str | None = None
+
+
+# -- responses -----------------------------------------------------------------------------
+class Ranking(msgspec.Struct):
+    index: int
+    ctr: float
+    rank: int
+
+
+class RankStats(msgspec.Struct):
+    input: int
+    after_stage1: int
+    output: int
+
+
+class RankResponse(msgspec.Struct):
+    rankings: list[Ranking]
+    #: ``stage1_ms``, ``stage2_ms`` (one key per stage), ``total_ms``.
+    latency: dict[str, float]
+    stats: RankStats
+    #: ``name/version`` of the model behind each stage that ran, in order.
+    models: list[str]
+
+
+class PredictResponse(msgspec.Struct):
+    ctr: list[float]
+    model: str
+    version: str
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+    request_id: str | None = None
+
+
+class HealthResponse(msgspec.Struct):
+    status: str
+    pid: int
+
+
+class ReadyResponse(msgspec.Struct):
+    ready: bool
+    pid: int
+    models: list[str]
+
+
+# -- model cards ---------------------------------------------------------------------------
+class CardField(msgspec.Struct, frozen=True):
+    name: str
+    vocab_size: PositiveInt
+    oov_index: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class CardTensor(msgspec.Struct, frozen=True):
+    name: str
+    dtype: str
+    shape: list[str | int]
+
+
+class CardMetrics(msgspec.Struct, frozen=True):
+    valid_auc: float
+    test_auc: float
+    test_logloss: float
+
+
+class ModelCard(msgspec.Struct, frozen=True):
+    """``models/<name>/<version>/card.json``: what a model expects and how good it is."""
+
+    name: str
+    version: str
+    architecture: str
+    fields: list[CardField]
+    input: CardTensor
+    output: CardTensor
+    opset: int
+    sha256: str
+    size_bytes: int
+    metrics: CardMetrics
+    hyperparameters: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    distribution: dict[str, Any] | None = None
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+
+class ModelSummary(msgspec.Struct):
+    name: str
+    version: str
+    architecture: str
+    fields: list[str]
+    sha256: str
+    size_bytes: int
+    metrics: CardMetrics
+    pool_size: int
+    stages: list[int]
+
+
+class ModelsResponse(msgspec.Struct):
+    models: list[ModelSummary]

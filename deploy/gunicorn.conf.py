@@ -1,0 +1,64 @@
+"""Gunicorn settings for the farm; every value comes from app.config.Config.
+
+Workers are uvicorn's gunicorn worker (uvloop + httptools) serving Falcon's ASGI app:
+measured here at well above gthread's requests per second (docs/ARCHITECTURE.md).
+ONNX Runtime sessions are created in the ASGI lifespan startup, i.e. after fork;
+nothing heavy is preloaded (ORT thread pools do not survive fork).
+"""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.config import load
+from app.logconf import dict_config
+
+_config = load()
+_config.run_path.mkdir(parents=True, exist_ok=True)
+
+wsgi_app = "app.asgi:app"
+bind = [f"unix:{_config.shared_socket}"]
+workers = _config.workers
+worker_class = "uvicorn_worker.UvicornWorker"
+preload_app = False
+keepalive = _config.gunicorn_keepalive_s
+graceful_timeout = _config.graceful_timeout_s
+timeout = _config.worker_timeout_s
+backlog = 2048
+pidfile = str(_config.run_path / "gunicorn.pid")
+# gunicornc's control socket: per farm, under the run dir (not in $HOME).
+control_socket = str(_config.run_path / "gunicorn.ctl")
+proc_name = "ctr-farm"
+accesslog = None
+logconfig_dict = dict_config(_config.log_level)
+# The worker heartbeat file lives in memory, not on a possibly slow disk.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def pre_fork(server, worker):
+    """Give the new worker the lowest free slot (a replacement takes its predecessor's)."""
+    used = {getattr(w, "slot", None) for w in server.WORKERS.values()}
+    worker.slot = next(i for i in range(len(server.WORKERS) + 1) if i not in used)
+
+
+def post_fork(server, worker):
+    """Bind this worker's own unix socket, so nginx can balance across workers."""
+    if not _config.per_worker_sockets:
+        return
+    path = _config.worker_socket(worker.slot)
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o660)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    worker.sockets = [sock, *worker.sockets]
+    server.log.info("worker slot %s listening on %s", worker.slot, path)
+
+
+def worker_exit(server, worker):
+    if _config.per_worker_sockets and hasattr(worker, "slot"):
+        _config.worker_socket(worker.slot).unlink(missing_ok=True)
