@@ -8,6 +8,7 @@ directory of the caller's choosing, with no honcho in between. Loopback only.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import signal
@@ -15,8 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ class Stack:
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Wait until every worker answers ``/ready`` through nginx."""
+        """Wait until every worker says ready on its socket, and nginx answers."""
         deadline = time.monotonic() + timeout_s
         seen: set[int] = set()
         while time.monotonic() < deadline:
@@ -78,17 +77,17 @@ class Stack:
                     raise RuntimeError(
                         f"{name} exited with {proc.returncode}; see {self.log_dir}/{name}.log"
                     )
-            try:
-                with urllib.request.urlopen(self.url + "/ready", timeout=2) as resp:
-                    body = resp.read()
-                    if resp.status == 200:
-                        seen.add(msgspec.json.decode(body)["pid"])
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if len(seen) >= self.config.workers:
+            seen.update(pid for pid in map(_ready_pid, self._probe_sockets()) if pid)
+            if len(seen) >= self.config.workers and _ready_pid(self.url):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"farm not ready after {timeout_s}s (saw workers {sorted(seen)})")
+        raise TimeoutError(f"farm not ready after {timeout_s}s (workers ready: {sorted(seen)})")
+
+    def _probe_sockets(self) -> list[str]:
+        if self.config.per_worker_sockets:
+            return [str(self.config.worker_socket(i)) for i in range(self.config.workers)]
+        # One shared socket: fresh connections land on arbitrary workers; try a few.
+        return [str(self.config.shared_socket)] * (4 * self.config.workers)
 
     def worker_pids(self) -> list[int]:
         """Live gunicorn worker pids (children of the master)."""
@@ -110,6 +109,35 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=2)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(2)
+        self.sock.connect(self._path)
+
+
+def _ready_pid(target: str) -> int | None:
+    """GET /ready on a URL or a unix socket path; the worker pid if it is ready."""
+    if target.startswith("http"):
+        host, _, port = target.split("//", 1)[1].partition(":")
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(host, int(port), timeout=2)
+    else:
+        conn = _UnixHTTPConnection(target)
+    try:
+        conn.request("GET", "/ready")
+        resp = conn.getresponse()
+        body = resp.read()
+        return msgspec.json.decode(body)["pid"] if resp.status == 200 else None
+    except (OSError, http.client.HTTPException, msgspec.DecodeError):
+        return None
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,131 @@
+"""Throughput sweep: wrk against the real stack, one farm per configuration cell.
+
+For each cell the harness starts nginx + gunicorn with the cell's settings, warms
+up, runs wrk (closed loop: wrk's latencies suffer from coordinated omission, so read
+them as service times under that concurrency, not as user-visible latency at a fixed
+rate), and reads the per-worker split from nginx's access log.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from app.config import load
+from app.sessions import read_card
+from app.stack import running
+from benchmarks.ranking import candidates
+
+WRK_SCRIPT = Path(__file__).parent / "wrk" / "bodies.lua"
+
+
+def write_bodies(path: Path, endpoint: str, n: int, count: int, seed: int) -> Path:
+    """``count`` varied request bodies, one per line (the wrk script's input)."""
+    config = load(env={})
+    card = read_card(config.model_dirs()[config.predict_model])
+    rng = np.random.default_rng(seed)
+    with path.open("wb") as fh:
+        for _ in range(count):
+            cands = candidates(card, n, rng)
+            if endpoint == "predict":
+                body: dict[str, Any] = {"candidate": cands[0]} if n == 1 else {"candidates": cands}
+            else:
+                body = {"candidates": cands, "top_k": 10, "stage1_k": min(100, n)}
+            fh.write(msgspec.json.encode(body) + b"\n")
+    return path
+
+
+def run_wrk(url: str, bodies: Path, threads: int, connections: int, seconds: float) -> dict:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (scripts/install installs it)")
+    out = subprocess.run(
+        [
+            wrk,
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(WRK_SCRIPT),
+            url,
+            "--",
+            str(bodies),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    )
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("JSON "))
+    return json.loads(line[5:])
+
+
+def worker_split(access_log: Path, since_bytes: int) -> dict[str, int]:
+    """Requests per upstream (worker socket) in the access log after ``since_bytes``."""
+    counts: collections.Counter[str] = collections.Counter()
+    with access_log.open("rb") as fh:
+        fh.seek(since_bytes)
+        for line in fh:
+            counts[json.loads(line)["upstream"].rsplit("/", 1)[-1]] += 1
+    return dict(sorted(counts.items()))
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each process."""
+    out = {}
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in ticks
+    return out
+
+
+def measure_cell(
+    overrides: dict[str, Any],
+    endpoint: str,
+    bodies: Path,
+    threads: int,
+    connections: int,
+    seconds: float,
+    warmup_s: float,
+) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix="sweep-"))
+    try:
+        with running(run_dir, overrides) as stack:
+            url = f"{stack.url}/{endpoint}"
+            run_wrk(url, bodies, threads, connections, warmup_s)
+            time.sleep(1.2)  # access log flushes every second
+            log = stack.config.run_path / "access.log"
+            offset = log.stat().st_size
+            pids = stack.worker_pids()
+            cpu0, t0 = cpu_seconds(pids), time.monotonic()
+            result = run_wrk(url, bodies, threads, connections, seconds)
+            cpu1, elapsed = cpu_seconds(pids), time.monotonic() - t0
+            time.sleep(1.2)
+            split = worker_split(log, offset)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    total = sum(split.values()) or 1
+    return {
+        **overrides,
+        "endpoint": endpoint,
+        **result,
+        "worker_cpu_cores": round(cpu, 2),
+        "worker_share": {k: round(v / total, 3) for k, v in split.items()},
+    }
+
+
+def grid(**axes: list[Any]) -> list[dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]

@@ -1,0 +1,104 @@
+"""Throughput sweep over farm configurations with wrk (one farm per cell).
+
+    .venv/bin/python scripts/sweep.py --endpoint predict --workers 1,2 --pool 1,6 \
+        --seconds 10 --out docs/results/sweep.csv
+
+Axes take comma-separated values; every combination is one cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.throughput import grid, measure_cell, write_bodies
+
+
+def _list(kind):
+    return lambda text: [kind(v) for v in text.split(",")]
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "per_worker")
+
+
+COLUMNS = [
+    "endpoint",
+    "workers",
+    "pool_size",
+    "intra_threads",
+    "inter_threads",
+    "per_worker_sockets",
+    "inference",
+    "rps",
+    "mean_ms",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "non2xx",
+    "socket_errors",
+    "worker_cpu_cores",
+    "worker_share",
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--endpoint", choices=["predict", "rank"], default="predict")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="candidates per body (default 1 for predict, 1000 for rank)",
+    )
+    p.add_argument("--workers", type=_list(int), default=[2])
+    p.add_argument("--pool", type=_list(int), default=[1])
+    p.add_argument("--intra", type=_list(int), default=[1])
+    p.add_argument("--inter", type=_list(int), default=[1])
+    p.add_argument("--sockets", type=_list(_bool), default=[True], help="per_worker,shared")
+    p.add_argument("--inference", type=_list(str), default=["executor"])
+    p.add_argument("--threads", type=int, default=4, help="wrk threads")
+    p.add_argument("--connections", type=int, default=100, help="wrk connections")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--warmup", type=float, default=3)
+    p.add_argument("--quick", action="store_true", help="short cells (3 s) for a smoke run")
+    p.add_argument("--out", type=Path, help="CSV output (a .md table is written beside it)")
+    args = p.parse_args()
+    if args.quick:
+        args.seconds, args.warmup = 3, 1
+    n = args.candidates or (1 if args.endpoint == "predict" else 1000)
+    bodies = write_bodies(Path(tempfile.mkstemp(suffix=".txt")[1]), args.endpoint, n, 200, 1)
+    cells = grid(
+        workers=args.workers,
+        pool_size=args.pool,
+        intra_threads=args.intra,
+        inter_threads=args.inter,
+        per_worker_sockets=args.sockets,
+        inference=args.inference,
+    )
+    rows = []
+    for cell in cells:
+        row = measure_cell(
+            cell, args.endpoint, bodies, args.threads, args.connections, args.seconds, args.warmup
+        )
+        rows.append(row)
+        print(" ".join(f"{k}={row.get(k)}" for k in COLUMNS), flush=True)
+    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    table += ["| " + " | ".join(str(r.get(k)) for k in COLUMNS) + " |" for r in rows]
+    print("\n".join(table))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
