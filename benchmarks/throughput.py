@@ -117,12 +117,18 @@ def measure_cell(
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     total = sum(split.values()) or 1
+    used = {pid: cpu1[pid] - cpu0[pid] for pid in pids}
+    cpu_total = sum(used.values()) or 1.0
     return {
         **overrides,
         "endpoint": endpoint,
         **result,
-        "worker_cpu_cores": round(cpu, 2),
-        "worker_share": {k: round(v / total, 3) for k, v in split.items()},
+        "worker_cpu_cores": round(cpu_total / elapsed, 2),
+        # Requests per upstream socket (nginx's view) and CPU per worker process (the
+        # kernel's view: the only one that sees the split behind a shared socket).
+        "upstream_share": {k: round(v / total, 3) for k, v in split.items()},
+        "worker_cpu_share": sorted(round(u / cpu_total, 3) for u in used.values()),
+        "cpu_us_per_request": round(cpu_total / max(result["requests"], 1) * 1e6, 1),
     }
 
 
