@@ -133,7 +133,13 @@ class Lifecycle:
         self.farm = farm
 
     async def process_startup(self, scope: dict, event: dict) -> None:
-        self.farm.load()
+        try:
+            self.farm.load()
+        except FarmError as exc:
+            # One clear line before the traceback; the failed startup stops the worker
+            # (uvicorn exits with gunicorn's boot-error code: gunicorn halts).
+            log.critical("worker cannot start: %s", exc.message, extra={"code": exc.code})
+            raise
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
         self.farm.close()

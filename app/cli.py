@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from app.config import REPO_ROOT, Config, ConfigError, load, to_env
+from app.config import REPO_ROOT, Config, ConfigError, load, parse_stages, to_env
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +46,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         if value is None:
             continue
         if field.name == "stages":
-            out["stages"] = [
-                {"model": m, "keep_k": k or None}
-                for m, _, k in (part.strip().partition(":") for part in value.split(","))
-            ]
+            out["stages"] = parse_stages(value)
         else:
             out[field.name] = value
     return out

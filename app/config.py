@@ -107,6 +107,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 )
         if self.predict_model not in known:
             raise ConfigError(f"predict_model: unknown model {self.predict_model!r}")
+        # Requests that rely on the defaults must be valid: top_k <= every stage's keep_k.
+        for i, stage in enumerate(self.stages[:-1]):
+            if i > 0 and stage.keep_k is None:
+                raise ConfigError(f"stages[{i}].keep_k: a middle stage needs keep_k")
+            if stage.keep_k is not None and stage.keep_k < self.default_top_k:
+                raise ConfigError(
+                    f"stages[{i}].keep_k: {stage.keep_k} is below default_top_k"
+                    f" ({self.default_top_k})"
+                )
 
     # -- derived values ------------------------------------------------------------------
     def model_dirs(self) -> dict[str, Path]:
@@ -140,6 +149,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return self.run_path / "gunicorn.sock"
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
 def _fields() -> dict[str, Any]:
     return {f.name: f for f in msgspec.structs.fields(Config)}
 
@@ -152,17 +164,24 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         if name == "stages":
             # "deepfm:100,autoint" -> stages; the TOML file is the richer form.
-            out[name] = [_parse_stage(part) for part in raw.split(",") if part.strip()]
+            out[name] = parse_stages(raw)
         elif field.type is bool:
-            out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            word = raw.strip().lower()
+            if word not in _TRUE + _FALSE:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected a boolean, got {raw!r}")
+            out[name] = word in _TRUE
         else:
             out[name] = raw
     return out
 
 
-def _parse_stage(text: str) -> dict[str, Any]:
-    model, _, keep = text.strip().partition(":")
-    return {"model": model, "keep_k": keep or None}
+def parse_stages(text: str) -> list[dict[str, Any]]:
+    """``"deepfm:100,autoint"`` -> stage dicts (the env and CLI form of ``stages``)."""
+    stages = []
+    for part in filter(str.strip, text.split(",")):
+        model, _, keep = part.partition(":")
+        stages.append({"model": model.strip(), "keep_k": keep.strip() or None})
+    return stages
 
 
 def load(

@@ -103,7 +103,8 @@ class FeatureSpace:
     # -- decoding ------------------------------------------------------------------------
     def decode(self, raw: bytes | msgspec.Raw, kind: ContentKind, path: str = "candidates"):
         """Raw ``candidates`` value -> (ids matrix [n, k] int64 with OOV mapped, form)."""
-        form = detect_form(bytes(memoryview(raw)[:16]), kind)
+        # 4 KiB covers any sane amount of whitespace before the first element.
+        form = detect_form(bytes(memoryview(raw)[:4096]), kind)
         if form is None:
             raise InvalidRequest(
                 "Expected an array of candidates (objects or rows) or an object of columns",
@@ -166,8 +167,8 @@ def detect_form(head: bytes, kind: ContentKind) -> Form | Literal["empty"] | Non
         rest = head[1:].lstrip(_JSON_WS)
         if rest[:1] == b"]":
             return "empty"
-        # An array whose first element we cannot see (long whitespace) is decoded as
-        # objects; msgspec then reports the precise type error.
+        # An array whose first element we cannot see (over 4 KiB of whitespace) is
+        # decoded as objects; msgspec then reports the precise type error.
         return "rows" if rest[:1] == b"[" else "objects"
     return _detect_msgpack(head)
 

@@ -63,8 +63,14 @@ class Pipeline:
         self.max_candidates = max_candidates
         self.default_stage1_k = stages[0].keep_k or 100
 
-    def resolve_ks(self, n: int, top_k: int, stage1_k: int | None) -> tuple[int, int]:
-        """Validate ``top_k``/``stage1_k`` against ``n``; values above ``n`` clamp to ``n``."""
+    def resolve_ks(
+        self, n: int, top_k: int, stage1_k: int | None, multi_stage: bool = True
+    ) -> tuple[int, int]:
+        """Validate ``top_k``/``stage1_k`` against ``n``; values above ``n`` clamp to ``n``.
+
+        Without the cascade (``multi_stage`` false) ``stage1_k`` plays no part."""
+        if not multi_stage:
+            stage1_k = max(top_k, self.default_stage1_k if stage1_k is None else stage1_k)
         stage1_k = self.default_stage1_k if stage1_k is None else stage1_k
         if top_k > stage1_k:
             raise InvalidRequest(
@@ -82,7 +88,7 @@ class Pipeline:
     ) -> RankResult:
         t_start = time.perf_counter()
         n = ids.shape[0]
-        top_k, stage1_k = self.resolve_ks(n, top_k, stage1_k)
+        top_k, stage1_k = self.resolve_ks(n, top_k, stage1_k, multi_stage)
         stages = self.stages if multi_stage else (Stage(self.baseline),)
         # A single-stage run fills the last slot, so the latency keys never change.
         offset = len(self.stages) - len(stages)

@@ -11,6 +11,7 @@ import grp
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,20 @@ def main() -> None:
     check = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True)
     if check.returncode != 0:
         sys.exit(f"ctr-farm proxy: nginx rejects {argv[-1]}:\n{check.stderr}")
-    os.execv(argv[0], argv)
+    sys.exit(supervise(argv))
+
+
+def supervise(argv: list[str]) -> int:
+    """Run nginx; turn SIGTERM/SIGINT (honcho, Ctrl-C) into SIGQUIT, nginx's graceful
+    shutdown, so requests in flight finish instead of being cut."""
+    proc = subprocess.Popen(argv)
+
+    def graceful(signum: int, frame: object) -> None:
+        proc.send_signal(signal.SIGQUIT)
+
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)
+    return proc.wait()
 
 
 if __name__ == "__main__":

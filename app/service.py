@@ -89,6 +89,8 @@ class Farm:
         self.ready = False
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+            # Later calls run inline and meet NotReady (503), not a closed executor (500).
+            self._executor = None
         for model in self.models.values():
             model.close()
 
@@ -112,7 +114,7 @@ class Farm:
 
     def predict(self, request: PredictRequest, kind: ContentKind) -> tuple[np.ndarray, Scorer]:
         features, _ = self._require()
-        name = request.model or self.config.predict_model
+        name = self.config.predict_model if request.model is None else request.model
         model = self.models.get(name)
         if model is None:
             raise InvalidRequest(f"unknown model; loaded: {sorted(self.models)}", field="model")

@@ -49,22 +49,25 @@ class Stack:
         self.config.run_path.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **to_env(self.config)}
         gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-        self.gunicorn = subprocess.Popen(
-            [gunicorn, "--config", str(REPO_ROOT / "deploy" / "gunicorn.conf.py")],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=(self.log_dir / "gunicorn.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The children get their own copy of each log fd: close ours (no leaked files).
+        with (self.log_dir / "gunicorn.log").open("ab") as out:
+            self.gunicorn = subprocess.Popen(
+                [gunicorn, "--config", str(REPO_ROOT / "deploy" / "gunicorn.conf.py")],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         argv = prepare(self.config)
-        self.nginx = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            stdout=(self.log_dir / "nginx.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.log_dir / "nginx.log").open("ab") as out:
+            self.nginx = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:

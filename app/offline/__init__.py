@@ -1,0 +1,1 @@
+"""Offline side of the farm: synthetic impression logs and model training/export."""

@@ -1,0 +1,66 @@
+"""Serving must never import torch (nor the dev-only onnx package)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.config import REPO_ROOT
+
+SERVING = [
+    "app.config",
+    "app.errors",
+    "app.schema",
+    "app.features",
+    "app.sessions",
+    "app.pipeline",
+    "app.service",
+    "app.api",
+    "app.proxy",
+    "app.stack",
+    "app.logconf",
+    "app.asgi",
+]
+FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline"]
+
+
+def imported_after(modules: list[str]) -> set[str]:
+    """Import ``modules`` in a fresh interpreter; return the names of sys.modules."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTR_FARM_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def serving_modules() -> set[str]:
+    return imported_after(SERVING)
+
+
+@pytest.mark.parametrize("forbidden", FORBIDDEN)
+def test_serving_does_not_import(serving_modules: set[str], forbidden: str) -> None:
+    leaked = {m for m in serving_modules if m == forbidden or m.startswith(forbidden + ".")}
+    assert leaked == set()
+
+
+def test_the_check_sees_what_was_imported(serving_modules: set[str]) -> None:
+    """Guard: the subprocess really imported the serving stack."""
+    assert {"app.asgi", "app.api", "onnxruntime", "falcon", "msgspec"} <= serving_modules

@@ -1,0 +1,254 @@
+"""app.sessions: loading fake ONNX models, running them, and every way a load can fail."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.errors import ModelError, ModelLoadError
+from app.sessions import LoadedModel, read_card, sha256_of
+from tests.fake_models import FIELDS, write_model
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, [7, 24, 35, 400], size=(n, 4)).astype(np.int64)
+
+
+def direct_run(model_dir: Path, ids: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(["ctr"], {"ids": ids})[0]
+
+
+def edit_card(model_dir: Path, **changes: object) -> None:
+    path = model_dir / "card.json"
+    card = json.loads(path.read_text())
+    card.update(changes)
+    path.write_text(json.dumps(card))
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    return write_model(tmp_path, "deepfm", seed=5)
+
+
+# -- loading and running -------------------------------------------------------------------
+def test_loads_the_card(model_dir: Path) -> None:
+    model = LoadedModel(model_dir, pool_size=1)
+    assert (model.name, model.version, model.key) == ("deepfm", "1", "deepfm/1")
+    assert model.card.field_names == tuple(n for n, _ in FIELDS)
+    assert model.card.sha256 == sha256_of(model_dir / "model.onnx")
+    assert model.pool_size == 1
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_run_matches_a_direct_onnxruntime_run(model_dir: Path, n: int) -> None:
+    ids = batch(n, seed=n)
+    scores = LoadedModel(model_dir, pool_size=1).run(ids)
+    assert scores.dtype == np.float32
+    assert scores.shape == (n,)
+    np.testing.assert_array_equal(scores, direct_run(model_dir, ids))
+    assert ((scores > 0) & (scores < 1)).all()
+
+
+def test_different_seeds_score_differently(tmp_path: Path) -> None:
+    a = LoadedModel(write_model(tmp_path / "a", "deepfm", seed=1), 1)
+    b = LoadedModel(write_model(tmp_path / "b", "deepfm", seed=2), 1)
+    ids = batch(20)
+    assert not np.allclose(a.run(ids), b.run(ids))
+
+
+@pytest.mark.parametrize("pool_size", [1, 3])
+def test_pool_size_distinct_sessions(model_dir: Path, pool_size: int) -> None:
+    model = LoadedModel(model_dir, pool_size=pool_size)
+    assert len(model._sessions) == pool_size
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(model.session()) for _ in range(pool_size)]
+        assert len({id(s) for s in held}) == pool_size
+        assert model._free.empty()  # all checked out
+    assert model._free.qsize() == pool_size  # and all returned
+
+
+class CountingSession:
+    """Wraps a session to record how many runs overlap."""
+
+    def __init__(self, inner: ort.InferenceSession, state: dict[str, int], lock) -> None:
+        self.inner, self.state, self.lock = inner, state, lock
+
+    def run(self, *args, **kwargs):
+        with self.lock:
+            self.state["now"] += 1
+            self.state["max"] = max(self.state["max"], self.state["now"])
+        try:
+            time.sleep(0.002)
+            return self.inner.run(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.state["now"] -= 1
+
+
+def test_pool_bounds_concurrent_runs(model_dir: Path) -> None:
+    model = LoadedModel(model_dir, pool_size=2)
+    state, lock = {"now": 0, "max": 0}, threading.Lock()
+    while not model._free.empty():
+        model._free.get()
+    for sess in model._sessions:
+        model._free.put(CountingSession(sess, state, lock))
+    ids = batch(5)
+    threads = [
+        threading.Thread(target=lambda: [model.run(ids) for _ in range(10)]) for _ in range(6)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+        assert not th.is_alive(), "a run never got a session back"
+    assert state["max"] == 2
+
+
+def test_concurrent_runs_from_threads_agree(model_dir: Path) -> None:
+    model = LoadedModel(model_dir, pool_size=2)
+    inputs = [batch(1 + 13 * t, seed=t) for t in range(8)]
+    expected = [direct_run(model_dir, ids) for ids in inputs]
+    failures: list[str] = []
+    start = threading.Barrier(8)
+
+    def work(t: int) -> None:
+        start.wait()
+        for r in range(50):
+            got = model.run(inputs[t])
+            if not np.array_equal(got, expected[t]):
+                failures.append(f"thread {t} run {r}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+        assert not th.is_alive(), "a run never got a session back"
+    assert failures == []
+    assert model._free.qsize() == 2  # every session came back
+
+
+def test_warm_up_runs_every_session(model_dir: Path) -> None:
+    model = LoadedModel(model_dir, pool_size=2)
+    model.warm_up(1)
+    assert model.run(batch(3)).shape == (3,)
+
+
+def test_close_empties_the_pool(model_dir: Path) -> None:
+    model = LoadedModel(model_dir, pool_size=2)
+    model.close()
+    assert model._sessions == []
+    assert model._free.empty()
+
+
+def test_sha256_of_matches_hashlib(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    data = bytes(range(256)) * 9000  # > 1 MiB: several chunks
+    path.write_bytes(data)
+    assert sha256_of(path) == hashlib.sha256(data).hexdigest()
+
+
+# -- load failures -------------------------------------------------------------------------
+def test_sha256_mismatch(model_dir: Path) -> None:
+    edit_card(model_dir, sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="sha256"):
+        LoadedModel(model_dir, pool_size=1)
+    # With verification off the (intact) model loads.
+    assert LoadedModel(model_dir, pool_size=1, verify_sha256=False).run(batch(2)).shape == (2,)
+
+
+def test_tampered_model_file_fails_the_sha256_check(model_dir: Path) -> None:
+    path = model_dir / "model.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ModelLoadError, match="does not match"):
+        LoadedModel(model_dir, pool_size=1)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_corrupt_model(tmp_path: Path, verify: bool) -> None:
+    model_dir = write_model(tmp_path, "deepfm", kind="corrupt")
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):
+        LoadedModel(model_dir, pool_size=1, verify_sha256=verify)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_missing_model_file(model_dir: Path, verify: bool) -> None:
+    (model_dir / "model.onnx").unlink()
+    with pytest.raises(ModelLoadError):
+        LoadedModel(model_dir, pool_size=1, verify_sha256=verify)
+
+
+def test_missing_card(model_dir: Path) -> None:
+    (model_dir / "card.json").unlink()
+    with pytest.raises(ModelLoadError, match="card"):
+        LoadedModel(model_dir, pool_size=1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", '{"name": "deepfm"}', '{"name": 3}', "[]"],
+    ids=["bad-json", "missing-keys", "wrong-type", "array"],
+)
+def test_unreadable_card(model_dir: Path, text: str) -> None:
+    (model_dir / "card.json").write_text(text)
+    with pytest.raises(ModelLoadError, match="cannot read model card"):
+        read_card(model_dir)
+
+
+def test_card_field_count_mismatch_with_graph(model_dir: Path) -> None:
+    card = json.loads((model_dir / "card.json").read_text())
+    edit_card(model_dir, fields=card["fields"][:3])
+    with pytest.raises(ModelLoadError, match="graph takes 4 fields, card lists 3"):
+        LoadedModel(model_dir, pool_size=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input": {"name": "x", "dtype": "int64", "shape": ["batch", 4]}}, "no int64 input"),
+        ({"output": {"name": "y", "dtype": "float32", "shape": ["batch"]}}, "no output"),
+    ],
+)
+def test_card_tensor_names_must_match_the_graph(
+    model_dir: Path, change: dict[str, object], message: str
+) -> None:
+    edit_card(model_dir, **change)
+    with pytest.raises(ModelLoadError, match=message):
+        LoadedModel(model_dir, pool_size=1)
+
+
+# -- run failures --------------------------------------------------------------------------
+def test_nan_model_raises_model_error(tmp_path: Path) -> None:
+    model = LoadedModel(write_model(tmp_path, "deepfm", kind="nan"), pool_size=1)
+    with pytest.raises(ModelError, match="non-finite") as info:
+        model.run(batch(4))
+    assert str(tmp_path) not in info.value.message
+    assert model._free.qsize() == 1  # the session went back to the pool
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.zeros((3, 4), dtype=np.int32),  # wrong dtype
+        np.zeros((3, 5), dtype=np.int64),  # wrong width
+        np.full((3, 4), 10**6, dtype=np.int64),  # gather index out of range
+    ],
+    ids=["int32", "width", "out-of-range"],
+)
+def test_ort_failures_become_model_error(model_dir: Path, ids: np.ndarray) -> None:
+    model = LoadedModel(model_dir, pool_size=1)
+    with pytest.raises(ModelError) as info:
+        model.run(ids)
+    assert info.value.message == "model deepfm/1 failed to score the batch"
+    assert info.value.status == 500
+    assert model._free.qsize() == 1
