@@ -109,7 +109,9 @@ class Farm:
     def rank(self, request: RankRequest, kind: ContentKind) -> RankResult:
         features, pipeline = self._require()
         ids, _ = features.decode(request.candidates, kind)
-        top_k = self.config.default_top_k if request.top_k is None else request.top_k
+        top_k = request.top_k
+        if top_k is None:  # the default never contradicts an explicit, smaller stage1_k
+            top_k = min(self.config.default_top_k, request.stage1_k or self.config.default_top_k)
         return pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage)
 
     def predict(self, request: PredictRequest, kind: ContentKind) -> tuple[np.ndarray, Scorer]:

@@ -159,6 +159,15 @@ def test_rank_defaults_come_from_config(make_config, make_farm) -> None:
     assert result.after_stage1 == 25
 
 
+@pytest.mark.parametrize(("stage1_k", "top_k", "expected"), [(5, None, 5), (50, None, 10)])
+def test_default_top_k_never_exceeds_an_explicit_stage1_k(
+    farm: Farm, stage1_k: int, top_k: int | None, expected: int
+) -> None:
+    request = RankRequest(candidates=raw(rows(100)), stage1_k=stage1_k, top_k=top_k)
+    result = farm.rank(request, "json")
+    assert (len(result.indices), result.after_stage1) == (expected, stage1_k)
+
+
 def test_rank_single_stage_uses_predict_model(farm: Farm, fake_models: Path) -> None:
     cands = rows(50, seed=9)
     result = farm.rank(RankRequest(candidates=raw(cands), top_k=5, multi_stage=False), "json")
