@@ -64,15 +64,18 @@ def main() -> None:
     p.add_argument("--inference", type=_list(str), default=["executor"])
     p.add_argument("--threads", type=int, default=4, help="wrk threads")
     p.add_argument("--connections", type=int, default=100, help="wrk connections")
-    p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--warmup", type=float, default=3)
+    p.add_argument("--seconds", type=int, default=10, help="measured seconds per cell")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="warm-up seconds per cell (wrk takes whole seconds)"
+    )
     p.add_argument("--quick", action="store_true", help="short cells (3 s) for a smoke run")
     p.add_argument("--out", type=Path, help="CSV output (a .md table is written beside it)")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.warmup = 3, 1
     n = args.candidates or (1 if args.endpoint == "predict" else 1000)
-    bodies = write_bodies(Path(tempfile.mkstemp(suffix=".txt")[1]), args.endpoint, n, 200, 1)
+    bodies_dir = tempfile.TemporaryDirectory(prefix="sweep-bodies-")
+    bodies = write_bodies(Path(bodies_dir.name) / "bodies.txt", args.endpoint, n, 200, 1)
     cells = grid(
         workers=args.workers,
         pool_size=args.pool,
