@@ -77,7 +77,7 @@ def test_sweep_tiny(tmp_path: Path) -> None:
         "--out",
         str(out),
     )
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader(out.read_text().splitlines()))
     assert len(rows) == 1
     assert float(rows[0]["rps"]) > 0
     assert int(rows[0]["non2xx"]) == 0
