@@ -24,6 +24,7 @@ import numpy as np
 from app.config import load
 from app.sessions import read_card
 from app.stack import running
+from benchmarks.openloop import run_open_loop
 from benchmarks.ranking import candidates
 
 WRK_SCRIPT = Path(__file__).parent / "wrk" / "bodies.lua"
@@ -99,8 +100,14 @@ def measure_cell(
     connections: int,
     seconds: float,
     warmup_s: float,
+    load_fractions: tuple[float, ...] = (),
+    sla_ms: float = 50.0,
 ) -> dict[str, Any]:
+    """One farm, one wrk measurement; then, for each of ``load_fractions``, an open-loop
+    run offering that fraction of the measured RPS (latency at load, no coordinated
+    omission)."""
     run_dir = Path(tempfile.mkdtemp(prefix="sweep-"))
+    curve: list[dict[str, float]] = []
     try:
         with running(run_dir, overrides) as stack:
             url = f"{stack.url}/{endpoint}"
@@ -114,6 +121,11 @@ def measure_cell(
             cpu1, elapsed = cpu_seconds(pids), time.monotonic() - t0
             time.sleep(1.2)
             split = worker_split(log, offset)
+            payloads = bodies.read_bytes().splitlines()
+            for fraction in load_fractions:
+                rate = max(1.0, fraction * result["rps"])
+                point = run_open_loop(url, payloads, rate, seconds).summary(sla_ms=sla_ms)
+                curve.append({"load_fraction": fraction, **point})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     total = sum(split.values()) or 1
@@ -129,6 +141,7 @@ def measure_cell(
         "upstream_share": {k: round(v / total, 3) for k, v in split.items()},
         "worker_cpu_share": sorted(round(u / cpu_total, 3) for u in used.values()),
         "cpu_us_per_request": round(cpu_total / max(result["requests"], 1) * 1e6, 1),
+        "open_loop": curve,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +44,9 @@ COLUMNS = [
     "non2xx",
     "socket_errors",
     "worker_cpu_cores",
-    "worker_share",
+    "cpu_us_per_request",
+    "worker_cpu_share",
+    "upstream_share",
 ]
 
 
@@ -68,6 +71,14 @@ def main() -> None:
     p.add_argument(
         "--warmup", type=int, default=3, help="warm-up seconds per cell (wrk takes whole seconds)"
     )
+    p.add_argument(
+        "--open-loop",
+        type=_list(float),
+        default=[],
+        help="also offer these fractions of each cell's wrk RPS open-loop,"
+        " e.g. 0.5,0.8,1.0,1.5 (latency-at-load curve)",
+    )
+    p.add_argument("--sla-ms", type=float, default=50.0, help="SLA for goodput in open loop")
     p.add_argument("--quick", action="store_true", help="short cells (3 s) for a smoke run")
     p.add_argument("--out", type=Path, help="CSV output (a .md table is written beside it)")
     args = p.parse_args()
@@ -87,20 +98,61 @@ def main() -> None:
     rows = []
     for cell in cells:
         row = measure_cell(
-            cell, args.endpoint, bodies, args.threads, args.connections, args.seconds, args.warmup
+            cell,
+            args.endpoint,
+            bodies,
+            args.threads,
+            args.connections,
+            args.seconds,
+            args.warmup,
+            tuple(args.open_loop),
+            args.sla_ms,
         )
         rows.append(row)
         print(" ".join(f"{k}={row.get(k)}" for k in COLUMNS), flush=True)
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(str(r.get(k)) for k in COLUMNS) + " |" for r in rows]
-    print("\n".join(table))
+    markdown = markdown_tables(rows)
+    print(markdown)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("w", newline="") as fh:
             w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+        args.out.with_suffix(".md").write_text(markdown + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(k)) for k in COLUMNS) + " |" for r in rows]
+    curve_rows = [(r, point) for r in rows for point in r["open_loop"]]
+    if curve_rows:
+        cols = [
+            "workers",
+            "pool_size",
+            "load_fraction",
+            "offered_rps",
+            "ok_rps",
+            "goodput_rps",
+            "ok_p50_ms",
+            "ok_p99_ms",
+            "errors",
+        ]
+        lines += [
+            "",
+            "Open loop (latency from each request's due time):",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "---|" * len(cols),
+        ]
+        for r, point in curve_rows:
+            merged = {**r, **point}
+            lines.append("| " + " | ".join(_fmt(merged.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":
