@@ -148,3 +148,64 @@ def measure_cell(
 def grid(**axes: list[Any]) -> list[dict[str, Any]]:
     keys = list(axes)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
+    """Heatmaps of RPS and p99 over workers x pool (one per thread setting), and the
+    open-loop latency-at-load curves. Needs the ``bench`` extra (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    threads = sorted({(r["intra_threads"], r["inter_threads"]) for r in rows})
+    workers = sorted({r["workers"] for r in rows})
+    pools = sorted({r["pool_size"] for r in rows})
+    if len(workers) > 1 or len(pools) > 1:
+        fig, axes = plt.subplots(2, len(threads), figsize=(4.5 * len(threads), 7), squeeze=False)
+        for col, (intra, inter) in enumerate(threads):
+            for row_i, (metric, cmap) in enumerate((("rps", "viridis"), ("p99_ms", "magma_r"))):
+                grid_ = np.full((len(workers), len(pools)), np.nan)
+                for r in rows:
+                    if (r["intra_threads"], r["inter_threads"]) == (intra, inter):
+                        grid_[workers.index(r["workers"]), pools.index(r["pool_size"])] = r[metric]
+                ax = axes[row_i][col]
+                im = ax.imshow(grid_, cmap=cmap, aspect="auto")
+                ax.set_xticks(range(len(pools)), [str(p) for p in pools])
+                ax.set_yticks(range(len(workers)), [str(w) for w in workers])
+                ax.set_xlabel("sessions per worker (pool)")
+                ax.set_ylabel("worker processes")
+                ax.set_title(f"{metric}, intra:inter {intra}:{inter}")
+                for (i, j), v in np.ndenumerate(grid_):
+                    if not np.isnan(v):
+                        light = im.norm(v) > 0.5 if cmap == "viridis" else im.norm(v) < 0.5
+                        color = "k" if light else "w"
+                        ax.text(j, i, f"{v:.0f}", ha="center", va="center", color=color)
+                fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_heatmap.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    curves = [r for r in rows if r.get("open_loop")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for r in curves:
+            pts = r["open_loop"]
+            threads_ = f"{r['intra_threads']}:{r['inter_threads']}"
+            label = f"{r['workers']}w x pool {r['pool_size']} ({threads_})"
+            ax.plot(
+                [p["offered_rps"] for p in pts], [p["ok_p99_ms"] for p in pts], "o-", label=label
+            )
+        ax.set_xlabel("offered load (requests/s, open loop)")
+        ax.set_ylabel("p99 latency of 200s (ms)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_latency_at_load.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

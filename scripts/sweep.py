@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.throughput import grid, measure_cell, write_bodies
+from benchmarks.throughput import grid, measure_cell, plot, write_bodies
 
 
 def _list(kind):
@@ -120,6 +120,15 @@ def main() -> None:
             w.writerows(rows)
         args.out.with_suffix(".md").write_text(markdown + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        try:
+            for path in plot(rows, args.out.parent, args.out.stem):
+                print(f"wrote {path}")
+        except ImportError:
+            print(
+                "matplotlib missing: no plots (install the extra: CTR_FARM_EXTRAS=dev,bench"
+                " bash scripts/install)",
+                file=sys.stderr,
+            )
 
 
 def markdown_tables(rows: list[dict]) -> str:
