@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -45,6 +45,10 @@ class RankResult:
     n_input: int
     after_stage1: int
     models: list[str]
+    #: Internal split of each ``stageN_ms`` (never sent on the wire): ``stageN_model_ms``
+    #: (the scorer's run) and ``stageN_cut_ms`` (the rest of the stage: gathering its batch,
+    #: the top-k cut, passing survivors on); 0.0 for a stage that did not run.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def top_indices(scores: np.ndarray, positions: np.ndarray, k: int) -> np.ndarray:
@@ -93,6 +97,11 @@ class Pipeline:
         # A single-stage run fills the last slot, so the latency keys never change.
         offset = len(self.stages) - len(stages)
         latency = {f"stage{i + 1}_ms": 0.0 for i in range(len(self.stages))}
+        timings = {
+            f"stage{i + 1}_{part}_ms": 0.0
+            for i in range(len(self.stages))
+            for part in ("model", "cut")
+        }
         alive = np.arange(n)
         scores = np.empty(0, dtype=np.float32)
         after_stage1 = n
@@ -102,7 +111,9 @@ class Pipeline:
             last = i == len(stages) - 1
             keep = top_k if last else (stage1_k if i == 0 else (stage.keep_k or len(alive)))
             batch = ids if len(alive) == n else ids[alive]
+            t_model = time.perf_counter()
             scores = stage.scorer.run(batch)
+            model_s = time.perf_counter() - t_model
             best = top_indices(scores, alive, keep)
             if last:
                 alive, scores = alive[best], scores[best]
@@ -112,7 +123,11 @@ class Pipeline:
                 alive = alive[best]
             if i == 0:
                 after_stage1 = len(alive) if not last else n
-            latency[f"stage{i + 1 + offset}_ms"] = (time.perf_counter() - t0) * 1e3
+            stage_s = time.perf_counter() - t0
+            slot = i + 1 + offset
+            latency[f"stage{slot}_ms"] = stage_s * 1e3
+            timings[f"stage{slot}_model_ms"] = model_s * 1e3
+            timings[f"stage{slot}_cut_ms"] = (stage_s - model_s) * 1e3
             models.append(stage.scorer.key)
         latency["total_ms"] = (time.perf_counter() - t_start) * 1e3
-        return RankResult(alive, scores, latency, n, after_stage1, models)
+        return RankResult(alive, scores, latency, n, after_stage1, models, timings)

@@ -1,98 +1,225 @@
-"""Single- vs multi-stage ranking latency, in-process and over HTTP through nginx.
+"""Ranking latency study: single vs multi-stage, in-process and over HTTP, plus fidelity.
 
-.venv/bin/python scripts/bench_ranking.py --n 1000 --stage1-k 100 --top-k 10 --repeats 200
+Grid axes take comma-separated lists (defaults: the benchmark issue's grid). E.g.
+
+.venv/bin/python scripts/bench_ranking.py --repeats 200 --warmup 20 --out run/bench-ranking
+.venv/bin/python scripts/bench_ranking.py --quick --out /tmp/bench   # tiny grid, ~15 s
+
+See benchmarks/ranking.py (latency) and benchmarks/fidelity.py (recall/NDCG) for what is
+measured and how.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import onnxruntime
 
-from app.config import load
+from app.config import Config, load
+from benchmarks import fidelity
 from benchmarks.ranking import (
-    MODES,
-    farm_url,
-    make_bodies,
-    run_http,
-    run_in_process,
-    speedup_ci,
+    FULL_INTRAS,
+    FULL_NS,
+    FULL_STAGE1_KS,
+    PLOT_HINT,
+    WHERES,
+    Grid,
+    InProcess,
+    candidate_fragments,
+    first_stage_card,
+    have_matplotlib,
+    measure,
+    paths_for,
+    plot_scaling,
+    report,
+    tables,
 )
 
+#: Defaults of the full study and of ``--quick`` (the smoke test's tiny grid).
+FULL = {
+    "n": FULL_NS,
+    "stage1_k": FULL_STAGE1_KS,
+    "intra_threads": FULL_INTRAS,
+    "top_k": 10,
+    "repeats": 200,
+    "warmup": 20,
+    "payloads": 20,
+    "fidelity_n": 1000,
+    "fidelity_requests": 200,
+}
+QUICK = {
+    "n": (50, 100),
+    "stage1_k": (20, 100),
+    "intra_threads": (1, 2),
+    "top_k": 5,
+    "repeats": 3,
+    "warmup": 1,
+    "payloads": 2,
+    "fidelity_n": 100,
+    "fidelity_requests": 4,
+}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=1000, help="candidates per request")
-    parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--stage1-k", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=200, help="measured requests per mode")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--payloads", type=int, default=20, help="distinct request bodies")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--url", help="measure a running farm instead of starting one")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--intra-threads", type=int, default=1)
-    parser.add_argument("--skip-in-process", action="store_true")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
 
-    overrides = {"workers": args.workers, "intra_threads": args.intra_threads}
-    config = load(overrides=overrides)
-    bodies = make_bodies(config, args.n, args.top_k, args.stage1_k, args.payloads, args.seed)
-    runs = {}
-    if not args.skip_in_process:
-        runs["in-process"] = run_in_process(config, bodies, args.repeats, args.warmup)
-    with farm_url(args.url, overrides) as url:
-        runs["http"] = run_http(url, bodies, args.repeats, args.warmup)
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
 
-    rng = np.random.default_rng(0)
-    report: dict = {
-        "params": vars(args) | {"json": None},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "ort": onnxruntime.__version__,
-        },
-    }
-    print(f"n={args.n} stage1_k={args.stage1_k} top_k={args.top_k} repeats={args.repeats}")
-    print(
-        f"{'where':<11} {'mode':<7} {'mean':>7} {'p50':>7} {'p95':>7} {'p99':>7}"
-        f" {'stage1':>7} {'stage2':>7}   (ms)"
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    grid = p.add_argument_group("grid (lists are comma-separated)")
+    grid.add_argument("--n", type=int_list, help=f"candidates per request [{FULL['n']}]")
+    grid.add_argument("--stage1-k", type=int_list, help=f"[{FULL['stage1_k']}]")
+    grid.add_argument("--intra-threads", type=int_list, help=f"[{FULL['intra_threads']}]")
+    grid.add_argument("--top-k", type=int, help="[10]")
+    grid.add_argument("--repeats", type=int, help="measured rounds per n [200]")
+    grid.add_argument("--warmup", type=int, help="unmeasured rounds per n first [20]")
+    grid.add_argument("--payloads", type=int, help="distinct candidate sets per n [20]")
+    grid.add_argument("--seed", type=int, default=7, help="payload seed [7]")
+    grid.add_argument(
+        "--source",
+        choices=("uniform", "logs"),
+        default="uniform",
+        help="payload ids: uniform over each vocabulary (as the first study) or generated logs",
     )
-    for where, results in runs.items():
-        for mode in MODES:
-            r = results[mode]
-            c = r.client.summary()
-            s1, s2 = r.stage1.summary()["mean"], r.stage2.summary()["mean"]
-            print(
-                f"{where:<11} {mode:<7} {c['mean']:7.2f} {c['p50']:7.2f} {c['p95']:7.2f}"
-                f" {c['p99']:7.2f} {s1:7.2f} {s2:7.2f}"
-            )
-            report[f"{where}/{mode}"] = {
-                "client": c,
-                "stage1": r.stage1.summary(),
-                "stage2": r.stage2.summary(),
-                "server_total": r.server_total.summary(),
-            }
-        point, lo, hi = speedup_ci(
-            results["single"].client.samples, results["multi"].client.samples, rng
-        )
-        report[f"{where}/speedup_p50"] = {"point": point, "ci95": [lo, hi]}
-        print(f"{where:<11} speedup single/multi (p50): {point:.2f}x  [95% CI {lo:.2f}-{hi:.2f}]")
-    if "in-process" in runs:
-        overhead = (
-            report["http/multi"]["client"]["p50"] / report["in-process/multi"]["client"]["p50"]
-        )
-        report["http_overhead_multi_p50"] = overhead
-        print(f"HTTP overhead (multi, p50 http / in-process): {overhead:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    grid.add_argument("--quick", action="store_true", help="tiny grid (smoke test); flags win")
+    fid = p.add_argument_group("fidelity (in-process, model only)")
+    fid.add_argument("--fidelity-n", type=int, help="candidates per request [1000]")
+    fid.add_argument("--fidelity-requests", type=int, help="requests [200]")
+    fid.add_argument(
+        "--fidelity-seed",
+        type=int,
+        default=fidelity.DEFAULT_SEED,
+        help="held-out log seed; must not be a seed the cards say they were trained,"
+        f" validated or tested on [{fidelity.DEFAULT_SEED}]",
+    )
+    where = p.add_argument_group("what to run")
+    where.add_argument("--url", help="measure this running farm over HTTP (one intra value)")
+    where.add_argument("--workers", type=int, default=2, help="gunicorn workers [2]")
+    where.add_argument("--skip-in-process", action="store_true")
+    where.add_argument("--skip-http", action="store_true")
+    where.add_argument("--skip-fidelity", action="store_true")
+    p.add_argument("--out", type=Path, help="write results.json, report.md and PNG plots here")
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.url and len(args.intra_threads) > 1:
+        p.error("--url measures one farm: give one --intra-threads value (its setting)")
+    return args
+
+
+def farm_config(args: argparse.Namespace, intra: int) -> Config:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTR_FARM_")}
+    return load(overrides={"workers": args.workers, "intra_threads": intra}, env=env)
+
+
+def log(msg: str) -> None:
+    print(f"[bench_ranking] {msg}", file=sys.stderr, flush=True)
+
+
+def run_latency(args: argparse.Namespace, grid: Grid) -> dict[str, Any]:
+    wheres = [w for w in WHERES if not getattr(args, f"skip_{w.replace('-', '_')}")]
+    if not wheres:
+        return {}
+    config = farm_config(args, grid.intras[0])
+    grid.check(config)
+    fragments = candidate_fragments(first_stage_card(config), grid)
+    raw = {}
+    for intra in grid.intras:
+        log(f"intra_threads={intra}: starting {', '.join(wheres)}")
+        with paths_for(farm_config(args, intra), wheres, args.url) as paths:
+            raw.update(measure(grid, intra, paths, fragments, log))
+    return report(grid, raw)
+
+
+def run_fidelity(args: argparse.Namespace) -> dict[str, Any]:
+    n, requests, seed = args.fidelity_n, args.fidelity_requests, args.fidelity_seed
+    log(f"fidelity: {requests} requests of {n} candidates, held-out seed {seed}")
+    local = InProcess(farm_config(args, 1))
+    try:
+        cards = [m.card for m in local.farm.models.values()]
+        held = fidelity.held_out_requests(cards, n, requests, seed)
+        assert local.farm.pipeline is not None
+        return fidelity.evaluate(local.farm.pipeline, held, args.stage1_k)
+    finally:
+        local.close()
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def write_outputs(out: Path, rep: dict[str, Any], text_tables: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
+    md = ["# Ranking latency study", "", f"Command: `{rep['command']}`", ""]
+    md += [t.markdown() + "\n" for t in text_tables]
+    (out / "report.md").write_text("\n".join(md))
+    written = [out / "results.json", out / "report.md"]
+    if rep.get("scaling"):
+        if have_matplotlib():
+            written += plot_scaling(rep["scaling"], out)
+        else:
+            log(PLOT_HINT)
+    log("wrote " + ", ".join(str(p) for p in written))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.out and not have_matplotlib():
+        log(PLOT_HINT)  # said up front, not only after a long run
+    grid = Grid(
+        ns=args.n,
+        stage1_ks=args.stage1_k,
+        intras=args.intra_threads,
+        top_k=args.top_k,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        payloads=args.payloads,
+        seed=args.seed,
+        source=args.source,
+    )
+    t0 = time.monotonic()
+    rep: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python", "scripts/bench_ranking.py", *sys.argv[1:]]),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+    }
+    rep.update(run_latency(args, grid))
+    if not args.skip_fidelity:
+        rep["fidelity"] = run_fidelity(args)
+    rep["machine"]["loadavg_end"] = list(os.getloadavg())
+    rep["seconds"] = round(time.monotonic() - t0, 1)
+    text_tables = tables(rep)
+    for table in text_tables:
+        print(table.text() + "\n")
+    print(f"({rep['seconds']} s; load average {rep['machine']['loadavg_end'][0]:.2f})")
+    if args.out:
+        write_outputs(args.out, rep, text_tables)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ They assert the scripts run end to end and report sane figures, not speed.
 from __future__ import annotations
 
 import csv
+import importlib.util
+import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,42 +21,134 @@ from app.config import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 
-def run_script(*args: str) -> str:
+def run_proc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return proc
 
 
-def test_bench_ranking_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    stdout = run_script(
-        "scripts/bench_ranking.py",
-        "--n",
-        "60",
-        "--stage1-k",
-        "20",
-        "--top-k",
-        "5",
-        "--repeats",
-        "5",
-        "--warmup",
-        "1",
-        "--payloads",
-        "2",
-        "--json",
-        str(out),
-    )
-    assert "speedup single/multi" in stdout
-    report = json.loads(out.read_text())
-    for where in ("in-process", "http"):
+def run_script(*args: str) -> str:
+    return run_proc(*args).stdout
+
+
+#: scripts/bench_ranking.py --quick's grid (keep in step with its QUICK).
+QUICK_NS, QUICK_STAGE1_KS, QUICK_INTRAS, QUICK_FIDELITY_N = (50, 100), (20, 100), (1, 2), 100
+PARTS = ("decode", "stage1_model", "stage1_cut", "stage2_model", "stage2_cut", "encode")
+
+
+def check_stats(stats: dict) -> None:
+    assert stats["count"] == 3  # --quick: 3 measured rounds
+    assert 0 <= stats["min"] <= stats["p50"] <= stats["p95"] <= stats["p99"] <= stats["max"]
+    assert stats["min"] <= stats["mean"] <= stats["max"]
+
+
+def test_bench_ranking_quick(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_proc("scripts/bench_ranking.py", "--quick", "--out", str(out))
+    for title in ("End-to-end latency", "Speedup single/multi", "per-stage breakdown"):
+        assert title in proc.stdout
+    assert "HTTP overhead" in proc.stdout
+    assert "Fidelity @10" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert (out / "report.md").read_text().startswith("# Ranking latency study")
+
+    # Every grid cell, once.
+    cells = {(c["where"], c["intra"], c["n"], c["stage1_k"]): c for c in report["cells"]}
+    want = set(itertools.product(("in-process", "http"), QUICK_INTRAS, QUICK_NS, QUICK_STAGE1_KS))
+    assert set(cells) == want
+    assert len(report["cells"]) == len(want)
+    for (where, _, n, stage1_k), cell in cells.items():
+        assert cell["after_stage1"] == min(stage1_k, n)
         for mode in ("single", "multi"):
-            client = report[f"{where}/{mode}"]["client"]
-            assert 0 < client["min"] <= client["p50"] <= client["p99"] <= client["max"]
-        assert report[f"{where}/speedup_p50"]["point"] > 0
-    # Single-stage runs AutoInt only: its stage-1 time is zero by definition.
-    assert report["http/single"]["stage1"]["max"] == 0.0
+            stats = cell[mode]
+            check_stats(stats["total"])
+            assert stats["total"]["min"] > 0
+            # The server's pipeline time is part of the end-to-end time.
+            assert stats["pipeline"]["max"] <= stats["total"]["max"]
+            if where == "in-process":
+                parts = sum(stats[p]["mean"] for p in PARTS)
+                assert parts <= stats["total"]["mean"]
+                for stage in ("stage1", "stage2"):
+                    split = stats[f"{stage}_model"]["mean"] + stats[f"{stage}_cut"]["mean"]
+                    assert split == pytest.approx(stats[stage]["mean"], rel=1e-6, abs=1e-6)
+        # Single-stage runs AutoInt only: its stage-1 time is zero by definition.
+        assert cell["single"]["stage1"]["max"] == 0.0
+        assert cell["multi"]["stage1"]["min"] > 0.0
+        speedup = cell["speedup_p50"]
+        assert speedup["point"] > 0
+        assert 0 < speedup["ci95"][0] <= speedup["ci95"][1]
+    overhead = {(r["intra"], r["n"], r["variant"]) for r in report["http_overhead"]}
+    variants = ["single"] + [f"multi@{k}" for k in QUICK_STAGE1_KS]
+    assert overhead == set(itertools.product(QUICK_INTRAS, QUICK_NS, variants))
+    assert all(r["ratio_p50"]["point"] > 0 for r in report["http_overhead"])
+    assert len(report["samples"]) == len(overhead) * 2  # every (path, intra, n, variant)
+    assert all(len(s["total"]) == 3 for s in report["samples"])
+    for row in report["scaling"]:
+        assert row["n"] == list(QUICK_NS)
+        assert row["loglog_slope"] is not None
+
+    fid = report["fidelity"]
+    assert fid["n"] == QUICK_FIDELITY_N
+    assert fid["seed"] not in (1, 2, 3)  # the cards' train/valid/test seeds
+    assert set(fid["systems"]) == {"single", "deepfm_only"} | {
+        f"cascade@{k}" for k in QUICK_STAGE1_KS
+    }
+    for system, metrics in fid["systems"].items():
+        for metric, m in metrics.items():
+            assert 0.0 <= m["min"] <= m["p5"] <= m["mean"] <= m["max"] <= 1.0 + 1e-9, (
+                system,
+                metric,
+            )
+    # The reference agrees with itself; a cascade that keeps every candidate is exact.
+    for system in ["single"] + [f"cascade@{k}" for k in QUICK_STAGE1_KS if k >= fid["n"]]:
+        assert fid["systems"][system]["recall_vs_single"]["min"] == 1.0
+        assert fid["systems"][system]["ndcg_vs_single"]["min"] == pytest.approx(1.0)
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib is not installed" in proc.stderr  # the plot part is skipped
+        assert pngs == []
+    else:
+        assert pngs == sorted(
+            f"scaling_{where}_intra{i}.png"
+            for where in ("in-process", "http")
+            for i in QUICK_INTRAS
+        )
+        for name in pngs:
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_ranking_without_matplotlib(tmp_path: Path) -> None:
+    """No matplotlib: a clear message, the JSON and markdown all the same, exit 0."""
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("hidden for this test")\n')
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    out = tmp_path / "out"
+    proc = run_proc(
+        "scripts/bench_ranking.py",
+        "--quick",
+        "--skip-http",
+        "--skip-fidelity",
+        "--intra-threads",
+        "1",
+        "--n",
+        "50",
+        "--out",
+        str(out),
+        env=env,
+    )
+    assert "matplotlib is not installed" in proc.stderr
+    assert "pip install -e '.[bench]'" in proc.stderr
+    assert (out / "results.json").exists() and (out / "report.md").exists()
+    assert not list(out.glob("*.png"))
 
 
 def test_sweep_tiny(tmp_path: Path) -> None:
