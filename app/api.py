@@ -153,7 +153,7 @@ class RankResource:
         kind = self.codec.request_kind(req)
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, RankRequest)
-        result = await self.farm.call(self.farm.rank, request, kind)
+        result = await self.farm.call(self.farm.rank, request, kind, cost=len(body))
         rankings = [
             Ranking(index=i, ctr=c, rank=r)
             for r, (i, c) in enumerate(
@@ -181,7 +181,7 @@ class PredictResource:
         kind = self.codec.request_kind(req)
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, PredictRequest)
-        scores, model = await self.farm.call(self.farm.predict, request, kind)
+        scores, model = await self.farm.call(self.farm.predict, request, kind, cost=len(body))
         name, _, version = model.key.partition("/")
         answer = PredictResponse(ctr=scores.tolist(), model=name, version=version)
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))

@@ -63,9 +63,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     pool_size: Positive = 1
     intra_threads: Positive = 1
     inter_threads: Positive = 1
-    #: Where inference runs: ``executor`` = a thread pool of ``pool_size`` threads so the
-    #: event loop keeps serving; ``inline`` = on the event loop thread.
-    inference: Literal["executor", "inline"] = "executor"
+    #: Where a request's decode + inference runs: ``executor`` = a thread pool of
+    #: ``pool_size`` threads, so the event loop keeps serving during a long ranking;
+    #: ``inline`` = on the event loop thread (no thread hop); ``auto`` = inline for bodies
+    #: up to ``inline_max_body_bytes`` (single predictions: the hop is ~20% of their CPU),
+    #: the executor above it (rankings: the loop must not stall for their milliseconds).
+    inference: Literal["auto", "executor", "inline"] = "auto"
+    inline_max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024
     #: Warm-up batches per session before ``/ready`` says yes.
     warmup_runs: Annotated[int, msgspec.Meta(ge=0)] = 3
 

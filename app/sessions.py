@@ -95,7 +95,9 @@ class LoadedModel:
         except Exception as exc:  # ORT raises its own pybind types; translate all at boot
             raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
         self._check_signature()
-        self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        # PERF: LIFO hands out the most recently used, cache-warm session; FIFO rotated
+        # through all of them and paid for pool_size weight copies in the CPU caches.
+        self._free: queue.LifoQueue[ort.InferenceSession] = queue.LifoQueue()
         for sess in self._sessions:
             self._free.put(sess)
         self._input, self._output = self.card.input.name, self.card.output.name

@@ -323,3 +323,9 @@ def test_stage_parsing_tolerates_spaces() -> None:
         {"model": "deepfm", "keep_k": "50"},
         {"model": "autoint", "keep_k": None},
     ]
+
+
+def test_reference_topology_file_is_a_valid_config() -> None:
+    path = REPO_ROOT / "deploy" / "topologies" / "reference-2x6.toml"
+    config = load(env={ENV_FILE: str(path)})
+    assert (config.workers, config.pool_size, config.inference) == (2, 6, "executor")

@@ -272,3 +272,26 @@ def test_call_runs_where_configured(make_config, make_farm, inference: str, in_e
     name = asyncio.run(where())
     assert name.startswith("infer") == in_executor
     assert (name == threading.current_thread().name) == (not in_executor)
+
+
+@pytest.mark.parametrize(
+    ("inference", "cost", "on_loop_thread"),
+    [
+        ("auto", 100, True),  # a single prediction: inline, no thread hop
+        ("auto", 16 * 1024, True),
+        ("auto", 16 * 1024 + 1, False),  # a ranking body: off the event loop
+        ("executor", 100, False),
+        ("inline", 10**7, True),
+    ],
+)
+def test_call_runs_inline_or_on_the_executor_by_cost(
+    make_config, make_farm, inference: str, cost: int, on_loop_thread: bool
+) -> None:
+    farm = make_farm(make_config(inference=inference))
+
+    async def where() -> bool:
+        loop_thread = threading.get_ident()
+        ran_on = await farm.call(threading.get_ident, cost=cost)
+        return ran_on == loop_thread
+
+    assert asyncio.run(where()) is on_loop_thread
