@@ -29,6 +29,7 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.features import ContentKind, error_from_msgspec
+from app.pipeline import RankResult
 from app.schema import (
     REQUEST_ID_MAX,
     ErrorBody,
@@ -145,6 +146,20 @@ class Lifecycle:
         self.farm.close()
 
 
+def rank_response(result: RankResult) -> RankResponse:
+    """The ``/rank`` answer for a pipeline result (also used by the benchmarks)."""
+    rankings = [
+        Ranking(index=i, ctr=c, rank=r)
+        for r, (i, c) in enumerate(
+            zip(result.indices.tolist(), result.scores.tolist(), strict=True), 1
+        )
+    ]
+    stats = RankStats(input=result.n_input, after_stage1=result.after_stage1, output=len(rankings))
+    return RankResponse(
+        rankings=rankings, latency=result.latency, stats=stats, models=result.models
+    )
+
+
 class RankResource:
     def __init__(self, farm: Farm, codec: Codec) -> None:
         self.farm, self.codec = farm, codec
@@ -154,22 +169,7 @@ class RankResource:
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, RankRequest)
         result = await self.farm.call(self.farm.rank, request, kind, cost=len(body))
-        rankings = [
-            Ranking(index=i, ctr=c, rank=r)
-            for r, (i, c) in enumerate(
-                zip(result.indices.tolist(), result.scores.tolist(), strict=True), 1
-            )
-        ]
-        answer = RankResponse(
-            rankings=rankings,
-            latency=result.latency,
-            stats=RankStats(
-                input=result.n_input,
-                after_stage1=result.after_stage1,
-                output=len(rankings),
-            ),
-            models=result.models,
-        )
+        answer = rank_response(result)
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
 
 

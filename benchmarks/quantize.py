@@ -28,7 +28,6 @@ import contextlib
 import copy
 import csv
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -59,7 +58,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from app.offline import logs
-from app.sessions import CARD_FILE, MODEL_FILE, session_options
+from app.sessions import CARD_FILE, MODEL_FILE, session_options, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +126,6 @@ class Snapshot:
         return str(self.card["sha256"])
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def snapshot(model_dir: Path, dest: Path, attempts: int = 5) -> Snapshot:
     """Copy ``model.onnx`` + ``card.json`` into ``dest`` once the copy matches the card.
 
@@ -147,7 +138,7 @@ def snapshot(model_dir: Path, dest: Path, attempts: int = 5) -> Snapshot:
     for attempt in range(attempts):
         card = json.loads((model_dir / CARD_FILE).read_text())
         shutil.copyfile(model_dir / MODEL_FILE, target)
-        actual = sha256_file(target)
+        actual = sha256_of(target)
         if actual == card["sha256"]:
             (dest / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
             return Snapshot(card["name"], target, card, model_dir)

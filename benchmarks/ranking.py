@@ -37,10 +37,11 @@ import httpx
 import msgspec
 import numpy as np
 
+from app.api import rank_response
 from app.config import Config
 from app.offline import logs as logs_mod
 from app.pipeline import RankResult
-from app.schema import ModelCard, Ranking, RankRequest, RankResponse, RankStats
+from app.schema import ModelCard, RankRequest
 from app.service import Farm
 from app.sessions import read_card
 from app.stack import running
@@ -170,21 +171,7 @@ def rank_body(fragment: bytes, top_k: int, variant: Variant) -> bytes:
 # -- the two paths -----------------------------------------------------------------------------
 def encode_response(encoder: msgspec.json.Encoder, result: RankResult) -> bytes:
     """What ``app.api.RankResource`` builds and writes for a JSON response."""
-    rankings = [
-        Ranking(index=i, ctr=c, rank=r)
-        for r, (i, c) in enumerate(
-            zip(result.indices.tolist(), result.scores.tolist(), strict=True), 1
-        )
-    ]
-    answer = RankResponse(
-        rankings=rankings,
-        latency=result.latency,
-        stats=RankStats(
-            input=result.n_input, after_stage1=result.after_stage1, output=len(rankings)
-        ),
-        models=result.models,
-    )
-    return encoder.encode(answer)
+    return encoder.encode(rank_response(result))
 
 
 class InProcess:

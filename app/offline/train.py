@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from app.offline import logs
+from app.sessions import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -504,14 +504,6 @@ def verify_export(head: nn.Module, path: Path, ids: np.ndarray, tol: float = 1e-
 
 
 # -- model card ----------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def field_distribution(ids: np.ndarray) -> dict[str, dict[str, Any]]:
     """Per field: the 20 most frequent ids with their shares, and the OOV share."""
     out: dict[str, dict[str, Any]] = {}
@@ -584,7 +576,7 @@ def write_card(
         "input": {"name": INPUT_NAME, "dtype": "int64", "shape": ["batch", N_FIELDS]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"]},
         "opset": OPSET,
-        "sha256": sha256_file(model_path),
+        "sha256": sha256_of(model_path),
         "size_bytes": model_path.stat().st_size,
         "training": {
             "rows_train": len(data.train.ids),
