@@ -59,10 +59,16 @@ def main() -> None:
         default=None,
         help="candidates per body (default 1 for predict, 1000 for rank)",
     )
-    p.add_argument("--workers", type=_list(int), default=[2])
-    p.add_argument("--pool", type=_list(int), default=[1])
+    p.add_argument("--workers", type=_list(int), default=None, help="default 2 (--quick: 1,2)")
+    p.add_argument("--pool", type=_list(int), default=None, help="default 1 (--quick: 1,6)")
     p.add_argument("--intra", type=_list(int), default=[1])
     p.add_argument("--inter", type=_list(int), default=[1])
+    p.add_argument(
+        "--ratios",
+        type=_list(str),
+        default=None,
+        help="intra:inter pairs, e.g. 1:1,2:1,2:2 (instead of the --intra x --inter product)",
+    )
     p.add_argument("--sockets", type=_list(_bool), default=[True], help="per_worker,shared")
     p.add_argument("--inference", type=_list(str), default=["executor"])
     p.add_argument("--threads", type=int, default=4, help="wrk threads")
@@ -79,11 +85,16 @@ def main() -> None:
         " e.g. 0.5,0.8,1.0,1.5 (latency-at-load curve)",
     )
     p.add_argument("--sla-ms", type=float, default=50.0, help="SLA for goodput in open loop")
-    p.add_argument("--quick", action="store_true", help="short cells (3 s) for a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="preset: workers 1,2 x pool 1,6, 3 s cells (~1 min)"
+    )
     p.add_argument("--out", type=Path, help="CSV output (a .md table is written beside it)")
     args = p.parse_args()
     if args.quick:
+        # A 4-cell grid of 3 s cells: about a minute on 2 cores.
         args.seconds, args.warmup = 3, 1
+        args.workers, args.pool = args.workers or [1, 2], args.pool or [1, 6]
+    args.workers, args.pool = args.workers or [2], args.pool or [1]
     n = args.candidates or (1 if args.endpoint == "predict" else 1000)
     bodies_dir = tempfile.TemporaryDirectory(prefix="sweep-bodies-")
     bodies = write_bodies(Path(bodies_dir.name) / "bodies.txt", args.endpoint, n, 200, 1)
@@ -95,6 +106,18 @@ def main() -> None:
         per_worker_sockets=args.sockets,
         inference=args.inference,
     )
+    if args.ratios:
+        pairs = [tuple(int(x) for x in r.split(":")) for r in args.ratios]
+        cells = [
+            {**c, "intra_threads": a, "inter_threads": b}
+            for c in grid(
+                workers=args.workers,
+                pool_size=args.pool,
+                per_worker_sockets=args.sockets,
+                inference=args.inference,
+            )
+            for a, b in pairs
+        ]
     rows = []
     for cell in cells:
         row = measure_cell(
