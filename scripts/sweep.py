@@ -86,7 +86,7 @@ def main() -> None:
     )
     p.add_argument("--sla-ms", type=float, default=50.0, help="SLA for goodput in open loop")
     p.add_argument(
-        "--quick", action="store_true", help="preset: workers 1,2 x pool 1,6, 3 s cells (~1 min)"
+        "--quick", action="store_true", help="preset: workers 1,2 x pool 1,6, 3 s cells (36 s here)"
     )
     p.add_argument("--out", type=Path, help="CSV output (a .md table is written beside it)")
     args = p.parse_args()
