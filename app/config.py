@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from app.pipeline import DEFAULT_STAGE1_K
+
 ENV_PREFIX = "CTR_FARM_"
 ENV_FILE = "CTR_FARM_CONFIG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +139,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     @property
     def default_stage1_k(self) -> int:
-        return self.stages[0].keep_k or 100
+        return self.stages[0].keep_k or DEFAULT_STAGE1_K
 
     @property
     def gunicorn_keepalive_s(self) -> int:

@@ -18,6 +18,9 @@ import numpy as np
 
 from app.errors import InvalidRequest
 
+#: ``stage1_k`` when neither the request nor the first stage's ``keep_k`` sets it.
+DEFAULT_STAGE1_K = 100
+
 
 class Scorer(Protocol):
     """What a stage needs from a model: a name and ``[n, k] int64 -> [n] float32``."""
@@ -65,7 +68,7 @@ class Pipeline:
         self.stages = tuple(stages)
         self.baseline = baseline
         self.max_candidates = max_candidates
-        self.default_stage1_k = stages[0].keep_k or 100
+        self.default_stage1_k = stages[0].keep_k or DEFAULT_STAGE1_K
 
     def resolve_ks(
         self, n: int, top_k: int, stage1_k: int | None, multi_stage: bool = True
@@ -73,9 +76,9 @@ class Pipeline:
         """Validate ``top_k``/``stage1_k`` against ``n``; values above ``n`` clamp to ``n``.
 
         Without the cascade (``multi_stage`` false) ``stage1_k`` plays no part."""
-        if not multi_stage:
-            stage1_k = max(top_k, self.default_stage1_k if stage1_k is None else stage1_k)
         stage1_k = self.default_stage1_k if stage1_k is None else stage1_k
+        if not multi_stage:
+            stage1_k = max(top_k, stage1_k)
         if top_k > stage1_k:
             raise InvalidRequest(
                 f"top_k ({top_k}) must not exceed stage1_k ({stage1_k})", field="top_k"

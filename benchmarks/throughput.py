@@ -9,6 +9,7 @@ rate), and reads the per-worker split from nginx's access log.
 from __future__ import annotations
 
 import collections
+import csv
 import itertools
 import json
 import shutil
@@ -143,6 +144,16 @@ def measure_cell(
         "cpu_us_per_request": round(cpu_total / max(result["requests"], 1) * 1e6, 1),
         "open_loop": curve,
     }
+
+
+def write_tables(out: Path, columns: list[str], rows: list[dict[str, Any]], markdown: str) -> None:
+    """``out`` (CSV of ``columns``) and the markdown beside it (``.md``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
 
 
 def grid(**axes: list[Any]) -> list[dict[str, Any]]:

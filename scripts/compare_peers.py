@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import http.client
 import json
 import os
@@ -36,7 +35,7 @@ import numpy as np
 
 from app.stack import running
 from benchmarks.peers import PEERS, session_cpu_seconds, start_peer
-from benchmarks.throughput import run_wrk, write_bodies
+from benchmarks.throughput import run_wrk, write_bodies, write_tables
 
 #: target -> (peer name or None for the farm, workers; None = --workers)
 TARGETS: dict[str, tuple[str | None, int | None]] = {
@@ -245,12 +244,7 @@ def main() -> None:
     table = markdown(rows, args, started)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        args.out.with_suffix(".md").write_text(table)
+        write_tables(args.out, COLUMNS, rows, table)
     if any(r.get("error") or r.get("agrees") is False for r in rows):
         sys.exit(1)
 

@@ -9,7 +9,6 @@ Axes take comma-separated values; every combination is one cell.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.throughput import grid, measure_cell, plot, write_bodies
+from benchmarks.throughput import grid, measure_cell, plot, write_bodies, write_tables
 
 
 def _list(kind):
@@ -136,12 +135,7 @@ def main() -> None:
     markdown = markdown_tables(rows)
     print(markdown)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        args.out.with_suffix(".md").write_text(markdown + "\n")
+        write_tables(args.out, COLUMNS, rows, markdown)
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
         try:
             for path in plot(rows, args.out.parent, args.out.stem):
