@@ -29,6 +29,7 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.features import ContentKind, error_from_msgspec
+from app.openapi import register as register_openapi
 from app.pipeline import RankResult
 from app.schema import (
     REQUEST_ID_MAX,
@@ -294,4 +295,5 @@ def create_app(
     app.add_error_handler(Exception, handlers.unexpected)
     app.add_error_handler(falcon.HTTPError, handlers.http_error)
     app.add_error_handler(FarmError, handlers.farm_error)
+    register_openapi(app, farm)  # /openapi.json, /docs: generated from the routes above
     return app
