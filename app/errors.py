@@ -10,8 +10,14 @@
     │   └── MethodNotAllowed       (405 method_not_allowed)
     └── ServerError                (5xx)
         ├── ModelError             (500 model_error)       ORT raised or scores not finite
+        │   └── StageTimeout       (503 deadline_exceeded) a run stopped at the deadline
         ├── NotReady               (503 not_ready)         models not loaded yet / draining
+        ├── Overloaded             (503 overloaded)        shed: no room to answer in time
+        ├── DeadlineExceeded       (503 deadline_exceeded) no stage or fallback fits the budget
+        ├── ModelUnavailable       (503 model_unavailable) the model's breaker is open
         └── ModelLoadError         (boot)                   a model cannot load: the worker stops
+
+Every 503 carries ``Retry-After`` (``retry_after_s``).
 
 Foreign errors (msgspec, ONNX Runtime) are translated at the boundary with
 ``raise ... from exc``; the message never carries a traceback or a file path.
@@ -74,9 +80,40 @@ class ModelError(ServerError):
     code = "model_error"
 
 
-class NotReady(ServerError):
+class StageTimeout(ModelError):
+    """A model run was stopped by the request's deadline (internal: the cascade degrades)."""
+
     status = 503
+    code = "deadline_exceeded"
+
+
+class Unavailable(ServerError):
+    """A 503: the client may retry after ``retry_after_s`` seconds."""
+
+    status = 503
+    code = "unavailable"
+
+    def __init__(
+        self, message: str, field: str | None = None, retry_after_s: int = 1
+    ) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(Unavailable):
     code = "not_ready"
+
+
+class Overloaded(Unavailable):
+    code = "overloaded"
+
+
+class DeadlineExceeded(Unavailable):
+    code = "deadline_exceeded"
+
+
+class ModelUnavailable(Unavailable):
+    code = "model_unavailable"
 
 
 class ModelLoadError(ServerError):

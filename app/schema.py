@@ -14,6 +14,8 @@ from typing import Annotated, Any
 import msgspec
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+#: A request's time budget in ms (``timeout_ms`` or the ``X-Request-Timeout-Ms`` header).
+TimeoutMs = Annotated[int, msgspec.Meta(ge=1, le=600_000)]
 #: Request ids are echoed into a header: keep them short and printable.
 REQUEST_ID_MAX = 128
 
@@ -24,6 +26,8 @@ class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_k: PositiveInt | None = None
     stage1_k: PositiveInt | None = None
     multi_stage: bool = True
+    #: Budget for the whole request, counted from when nginx received it.
+    timeout_ms: TimeoutMs | None = None
 
 
 class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -32,6 +36,7 @@ class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
     candidates: msgspec.Raw = msgspec.Raw()
     candidate: msgspec.Raw = msgspec.Raw()
     model: str | None = None
+    timeout_ms: TimeoutMs | None = None
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -54,6 +59,15 @@ class RankResponse(msgspec.Struct):
     stats: RankStats
     #: ``name/version`` of the model behind each stage that ran, in order.
     models: list[str]
+    #: True when the answer is not the full cascade's: see ``answered_by`` and ``reason``.
+    degraded: bool = False
+    #: Which stage's order this is (``stage1``, ``stage2``, ...) or ``fallback``.
+    answered_by: str = ""
+    #: Why a degraded answer: ``deadline``, ``breaker_open``, ``stage_error`` or
+    #: ``stage_timeout``; None when not degraded.
+    reason: str | None = None
+    #: The fallback ranking used (``popular``), when ``answered_by`` is ``fallback``.
+    fallback: str | None = None
 
 
 class PredictResponse(msgspec.Struct):
@@ -78,10 +92,19 @@ class HealthResponse(msgspec.Struct):
     pid: int
 
 
+class BreakerState(msgspec.Struct):
+    state: str
+    failures: int
+    opened_for_s: float | None = None
+
+
 class ReadyResponse(msgspec.Struct):
     ready: bool
     pid: int
     models: list[str]
+    #: Circuit breaker per model (``closed``, ``open``, ``half_open``).
+    breakers: dict[str, BreakerState] = {}
+    draining: bool = False
 
 
 # -- model cards ---------------------------------------------------------------------------

@@ -17,11 +17,21 @@ from typing import TypeVar
 
 import numpy as np
 
+from app.admission import Admission
+from app.breaker import Breaker
 from app.config import Config
-from app.errors import InvalidRequest, ModelLoadError, NotReady
+from app.deadlines import Deadline
+from app.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelError,
+    ModelLoadError,
+    ModelUnavailable,
+    NotReady,
+)
 from app.features import ContentKind, FeatureSpace
-from app.pipeline import Pipeline, RankResult, Scorer, Stage
-from app.schema import ModelSummary, PredictRequest, RankRequest
+from app.pipeline import Pipeline, Popularity, RankResult, Scorer, Stage
+from app.schema import BreakerState, ModelSummary, PredictRequest, RankRequest
 from app.sessions import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,8 @@ def load_model(name: str, config: Config) -> LoadedModel:
         intra_threads=config.intra_threads,
         inter_threads=config.inter_threads,
         verify_sha256=config.verify_sha256,
+        share_weights=config.share_weights,
+        profile_dir=config.ort_profile_path if config.ort_profiling else None,
     )
 
 
@@ -47,6 +59,17 @@ class Farm:
         self.features: FeatureSpace | None = None
         self.pipeline: Pipeline | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self.breakers: dict[str, Breaker] = {}
+        self.admission = Admission(
+            slots=config.pool_size,
+            max_queue=config.max_queue,
+            max_wait_ms=config.max_queue_wait_ms,
+            aging_ms=config.queue_aging_ms,
+            retry_after_s=config.retry_after_s,
+        )
+        #: Bytes of request body per candidate, by wire format: estimates a request's
+        #: size (hence its cost) before its candidates are decoded.
+        self._bytes_per_candidate: dict[ContentKind, float] = {"json": 250.0, "msgpack": 60.0}
         self.ready = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -65,8 +88,21 @@ class Farm:
         first = next(iter(self.models.values()))
         self.features = FeatureSpace(first.card.fields, self.config.max_candidates)
         stages = [Stage(self.models[s.model], s.keep_k) for s in self.config.stages]
+        self.breakers = {
+            m.key: Breaker(
+                m.key,
+                self.config.breaker_failures,
+                self.config.breaker_reset_s,
+                on_change=_log_breaker,
+            )
+            for m in self.models.values()
+        }
         self.pipeline = Pipeline(
-            stages, self.models[self.config.predict_model], self.config.max_candidates
+            stages,
+            self.models[self.config.predict_model],
+            self.config.max_candidates,
+            breakers=self.breakers,
+            fallback=self._fallback(first),
         )
         if self.config.inference != "inline":
             self._executor = ThreadPoolExecutor(
@@ -74,6 +110,7 @@ class Farm:
             )
         for model in self.models.values():
             model.warm_up(self.config.warmup_runs)
+            self._calibrate(model)
         self.ready = True
         log.info(
             "farm ready",
@@ -94,33 +131,107 @@ class Farm:
         for model in self.models.values():
             model.close()
 
-    async def call(self, fn: Callable[..., T], *args: object, cost: int = 0) -> T:
-        """Run ``fn`` where inference runs: the bounded executor, or inline.
+    def _fallback(self, model: LoadedModel) -> Scorer | None:
+        if self.config.fallback == "none":
+            return None
+        if not model.card.distribution or "creative" not in model.card.field_names:
+            log.warning("no fallback ranking: the model card has no creative distribution")
+            return None
+        return Popularity(model.card.field_names, model.card.distribution)
 
-        ``cost`` (the body size in bytes) decides in ``auto`` mode.
-        """
-        executor = self._executor
-        if executor is None or (
-            self.config.inference == "auto" and cost <= self.config.inline_max_body_bytes
-        ):
-            # PERF: inline, /predict did 3855 vs 3217 RPS (+20%) and 386 vs 468 us of worker
-            # CPU per request (docs/ARCHITECTURE.md, "Measured choices").
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    def _calibrate(self, model: LoadedModel, n: int = 1000) -> None:
+        """Seed the model's cost estimate with two timed runs (1 row, ``n`` rows)."""
+        assert self.pipeline is not None
+        ids = np.zeros((n, len(model.card.fields)), dtype=np.int64)
+        times = []
+        for rows in (1, n):
+            t0 = time.perf_counter()
+            try:
+                model.run(ids[:rows])
+            except ModelError as exc:  # serve anyway: the breaker deals with a failing model
+                log.warning("cannot time %s: %s", model.key, exc.message)
+                return
+            times.append((time.perf_counter() - t0) * 1e3)
+        self.pipeline.costs[model.key].calibrate(times[0], n, times[1])
 
     # -- inference -----------------------------------------------------------------------
     def _require(self) -> tuple[FeatureSpace, Pipeline]:
         if not self.ready or self.features is None or self.pipeline is None:
-            raise NotReady("models are not loaded yet")
+            raise NotReady("models are not loaded yet", retry_after_s=self.config.retry_after_s)
         return self.features, self.pipeline
 
-    def rank(self, request: RankRequest, kind: ContentKind) -> RankResult:
+    def deadline(self, field_ms: int | None, header_ms: int | None, start: str | None) -> Deadline:
+        """The request's deadline; 503 at once if it has already passed (queued too long)."""
+        deadline = Deadline.from_request(field_ms, header_ms, self.config.default_timeout_ms, start)
+        if deadline.remaining_ms() <= 0:
+            raise DeadlineExceeded(
+                f"the request waited {deadline.elapsed_ms():.0f} ms before reaching a worker;"
+                f" its budget was {deadline.budget_ms:.0f} ms",
+                retry_after_s=self.config.retry_after_s,
+            )
+        return deadline
+
+    async def call(
+        self,
+        fn: Callable[..., T],
+        *args: object,
+        cost_ms: float = 0.0,
+        body_bytes: int = 0,
+        deadline: Deadline | None = None,
+    ) -> T:
+        """Run ``fn(*args)`` where inference runs: inline, or on the bounded executor
+        behind admission control, with a watchdog that stops its model runs at the
+        deadline.
+
+        ``body_bytes`` decides in ``auto`` mode; ``cost_ms`` orders the admission queue.
+        """
+        executor = self._executor
+        if executor is None or (
+            self.config.inference == "auto" and body_bytes <= self.config.inline_max_body_bytes
+        ):
+            # PERF: inline, /predict did 3855 vs 3217 RPS (+20%) and 386 vs 468 us of worker
+            # CPU per request (docs/ARCHITECTURE.md, "Measured choices"). Inline work
+            # blocks the loop, so it needs no slot: it cannot overlap another inline one.
+            return fn(*args)
+        if deadline is None:
+            deadline = Deadline(self.config.default_timeout_ms)
+        await self.admission.acquire(cost_ms, deadline)
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(executor, fn, *args)
+        except BaseException:
+            self.admission.release()
+            raise
+        # The slot is free when the thread is done, even if this coroutine is cancelled.
+        future.add_done_callback(lambda _: self.admission.release())
+        watchdog = loop.call_later(max(deadline.remaining_ms(), 0.0) / 1e3, deadline.expire)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            deadline.expire()  # the client is gone: stop its model runs now
+            raise
+        finally:
+            watchdog.cancel()
+
+    def estimate_rank_ms(self, request: RankRequest, kind: ContentKind) -> float:
+        """Model time of a ranking, from its body size, before decoding the candidates."""
+        _, pipeline = self._require()
+        n = max(1, int(len(request.candidates) / self._bytes_per_candidate[kind]))
+        n = min(n, self.config.max_candidates)
+        return pipeline.estimate_ms(n, request.stage1_k, request.multi_stage)
+
+    def rank(
+        self, request: RankRequest, kind: ContentKind, deadline: Deadline | None = None
+    ) -> RankResult:
         features, pipeline = self._require()
         ids, _ = features.decode(request.candidates, kind)
+        if len(ids):
+            bpc = self._bytes_per_candidate
+            bpc[kind] += 0.1 * (len(request.candidates) / len(ids) - bpc[kind])
         top_k = request.top_k
         if top_k is None:  # the default never contradicts an explicit, smaller stage1_k
             top_k = min(self.config.default_top_k, request.stage1_k or self.config.default_top_k)
-        return pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage)
+        return pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage, deadline)
 
     def predict(self, request: PredictRequest, kind: ContentKind) -> tuple[np.ndarray, Scorer]:
         features, _ = self._require()
@@ -140,7 +251,26 @@ class Farm:
                     " use /rank for more",
                     field="candidates",
                 )
-        return model.run(ids), model
+        breaker = self.breakers[model.key]
+        if not breaker.allow():
+            raise ModelUnavailable(
+                f"model {model.key} is failing; its circuit breaker is open",
+                field="model",
+                retry_after_s=max(1, round(breaker.retry_after_s())),
+            )
+        try:
+            scores = model.run(ids)
+        except ModelError:
+            breaker.failure()
+            raise
+        breaker.success()
+        return scores, model
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        return {
+            key: BreakerState(state=b.state, failures=b.failures, opened_for_s=b.opened_for_s())
+            for key, b in self.breakers.items()
+        }
 
     # -- introspection -------------------------------------------------------------------
     def summaries(self) -> list[ModelSummary]:
@@ -162,3 +292,7 @@ class Farm:
             )
             for name, m in self.models.items()
         ]
+
+
+def _log_breaker(name: str, state: str) -> None:
+    log.warning("circuit breaker changed", extra={"model": name, "state": state})

@@ -80,7 +80,10 @@ def test_rank_response_shape(client, farm: Farm, ctype: str, form: str) -> None:
     assert result.status_code == 200
     assert result.headers["content-type"] == ctype  # mirrored
     body = decoded(result)
-    assert set(body) == {"rankings", "latency", "stats", "models"}
+    assert set(body) == {
+        "rankings", "latency", "stats", "models", "degraded", "answered_by", "reason", "fallback"
+    }
+    assert not body["degraded"] and body["answered_by"] == "stage2" and body["reason"] is None
     assert [set(r) for r in body["rankings"]] == [{"index", "ctr", "rank"}] * 3
     assert [r["rank"] for r in body["rankings"]] == [1, 2, 3]
     ctrs = [r["ctr"] for r in body["rankings"]]
@@ -467,7 +470,7 @@ def test_nan_model_is_a_500_model_error(nan_client, tmp_path: Path, path: str, v
 
 
 class ExplodingFarm(Farm):
-    def rank(self, request, kind):
+    def rank(self, request, kind, deadline=None):
         raise RuntimeError("secret detail at /etc/ctr-farm/internal.py line 3")
 
 

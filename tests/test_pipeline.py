@@ -22,7 +22,7 @@ class FakeScorer:
         self.levels = levels
         self.batches: list[np.ndarray] = []
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, run_options: object = None) -> np.ndarray:
         self.batches.append(ids.copy())
         return (((ids @ self.weights) % self.levels) / self.levels).astype(np.float32)
 
@@ -34,7 +34,7 @@ class ColumnScorer:
         self.key, self.column = key, column
         self.batches: list[np.ndarray] = []
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, run_options: object = None) -> np.ndarray:
         self.batches.append(ids.copy())
         return ids[:, self.column].astype(np.float32)
 

@@ -291,7 +291,7 @@ def test_call_runs_inline_or_on_the_executor_by_cost(
 
     async def where() -> bool:
         loop_thread = threading.get_ident()
-        ran_on = await farm.call(threading.get_ident, cost=cost)
+        ran_on = await farm.call(threading.get_ident, body_bytes=cost)
         return ran_on == loop_thread
 
     assert asyncio.run(where()) is on_loop_thread

@@ -168,7 +168,10 @@ def test_response_shape(
     if stage1_k is not None:
         params["stage1_k"] = stage1_k
     answer = rank(client, candidates, ids, "columns", JSON, **params)
-    assert set(answer) == {"rankings", "latency", "stats", "models"}
+    assert set(answer) == {
+        "rankings", "latency", "stats", "models", "degraded", "answered_by", "reason", "fallback"
+    }
+    assert not answer["degraded"] and answer["answered_by"] == "stage2" and answer["reason"] is None
 
     k = min(top_k, n)
     k1 = min(stage1_k or config.default_stage1_k, n)
