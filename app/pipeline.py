@@ -112,7 +112,7 @@ class CostModel:
 
     def calibrate(self, one_row_ms: float, n: int, n_rows_ms: float) -> None:
         self.fixed_ms = one_row_ms
-        self.per_row_ms = max(n_rows_ms - one_row_ms, 0.0) / max(n - 1, 1)
+        self.per_row_ms = max(n_rows_ms - one_row_ms, 0.0) / max(n, 1)
 
 
 class Popularity:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from app.errors import InvalidRequest
-from app.pipeline import Pipeline, Stage, top_indices
+from app.breaker import Breaker
+from app.deadlines import Deadline
+from app.errors import DeadlineExceeded, InvalidRequest, ModelError, StageTimeout
+from app.pipeline import CostModel, Pipeline, Popularity, Stage, top_indices
 
 
 class FakeScorer:
@@ -271,3 +275,125 @@ def test_a_pipeline_needs_a_stage() -> None:
 def test_top_indices(scores: list[float], positions: list[int], k: int, expected: list[int]):
     got = top_indices(np.array(scores, dtype=np.float32), np.array(positions), k)
     assert got.tolist() == expected
+
+
+# -- deadlines, breakers, fallback -------------------------------------------------------------
+class FailingScorer(FakeScorer):
+    """Raises like a model whose run fails (ORT error or non-finite scores)."""
+
+    def __init__(self, key: str, seed: int, error: type[Exception] = ModelError) -> None:
+        super().__init__(key, seed)
+        self.error, self.calls = error, 0
+
+    def run(self, ids: np.ndarray, run_options: object = None) -> np.ndarray:
+        self.calls += 1
+        raise self.error(f"model {self.key} failed to score the batch")
+
+
+def guarded(s1, s2, fallback=None, failures: int = 2, clock=None):
+    breakers = {s.key: Breaker(s.key, failures, 5.0, clock or time.monotonic) for s in {s1, s2}}
+    return Pipeline([Stage(s1, 20), Stage(s2)], s2, 5000, breakers, fallback)
+
+
+POPULAR = {"fields": {"creative": {"top_ids": [7, 3, 11], "top_shares": [0.5, 0.3, 0.1]}}}
+
+
+def test_stage2_failure_answers_with_stage1_order_marked_degraded() -> None:
+    s1, s2 = FakeScorer("deepfm/1", 1), FailingScorer("autoint/1", 2)
+    ids = random_ids(200, 3)
+    result = guarded(s1, s2).rank(ids, 10, 20)
+    want, want_scores = reference(ids, [s1], [None], 10, 10)
+    assert result.indices.tolist() == want
+    assert result.scores.tolist() == pytest.approx(want_scores)
+    assert (result.degraded, result.answered_by, result.reason) == (True, "stage1", "stage_error")
+    assert result.after_stage1 == 20 and result.latency["stage2_ms"] == 0.0
+    assert result.models == ["deepfm/1"]
+
+
+def test_breaker_opens_and_stops_calling_the_failing_stage() -> None:
+    s1, s2 = FakeScorer("deepfm/1", 1), FailingScorer("autoint/1", 2)
+    pipe = guarded(s1, s2, failures=2)
+    ids = random_ids(100, 4)
+    reasons = [pipe.rank(ids, 10, 20).reason for _ in range(4)]
+    assert reasons == ["stage_error", "stage_error", "breaker_open", "breaker_open"]
+    assert s2.calls == 2
+    assert pipe.failures["autoint/1", "stage_error"] == 2
+
+
+def test_breaker_trial_closes_it_when_the_model_recovers() -> None:
+    clock = [0.0]
+    s1, s2 = FakeScorer("deepfm/1", 1), FailingScorer("autoint/1", 2)
+    pipe = guarded(s1, s2, failures=1, clock=lambda: clock[0])
+    ids = random_ids(100, 5)
+    assert pipe.rank(ids, 10, 20).reason == "stage_error"
+    assert pipe.rank(ids, 10, 20).reason == "breaker_open"
+    healthy = FakeScorer("autoint/1", 2)
+    pipe.stages = (pipe.stages[0], Stage(healthy))  # the model recovers
+    clock[0] += 5.0
+    result = pipe.rank(ids, 10, 20)
+    assert not result.degraded and result.answered_by == "stage2"
+    assert pipe.breakers["autoint/1"].state == "closed"
+
+
+def test_stage_that_does_not_fit_the_deadline_is_skipped_without_running() -> None:
+    s1, s2 = FakeScorer("deepfm/1", 1), FakeScorer("autoint/1", 2)
+    pipe = guarded(s1, s2)
+    pipe.costs["autoint/1"].calibrate(1.0, 1000, 10_000.0)  # ~10 ms per row: never fits
+    result = pipe.rank(random_ids(100, 6), 10, 20, deadline=Deadline(200))
+    assert (result.answered_by, result.reason) == ("stage1", "deadline")
+    assert len(s2.batches) == 0
+
+
+def test_stopped_run_counts_as_a_timeout() -> None:
+    s1, s2 = FakeScorer("deepfm/1", 1), FailingScorer("autoint/1", 2, StageTimeout)
+    pipe = guarded(s1, s2)
+    result = pipe.rank(random_ids(100, 7), 10, 20, deadline=Deadline(1000))
+    assert result.reason == "stage_timeout" and result.answered_by == "stage1"
+    assert pipe.failures["autoint/1", "stage_timeout"] == 1
+
+
+def test_first_stage_failure_falls_back_to_popular_items() -> None:
+    s1, s2 = FailingScorer("deepfm/1", 1), FakeScorer("autoint/1", 2)
+    popular = Popularity(["weekday", "creative"], POPULAR)
+    ids = np.array([[0, 3], [1, 99], [2, 7], [3, 11], [4, 7], [5, 0]], dtype=np.int64)
+    result = guarded(s1, s2, fallback=popular).rank(ids, 4, 6)
+    # creative 7 (0.5) at rows 2 and 4, then 3 (0.3) at row 0, then 11 (0.1) at row 3.
+    assert result.indices.tolist() == [2, 4, 0, 3]
+    assert result.scores.tolist() == pytest.approx([0.5, 0.5, 0.3, 0.1])
+    assert (result.answered_by, result.fallback, result.reason) == (
+        "fallback",
+        "popular",
+        "stage_error",
+    )
+    assert result.models == [] and len(s2.batches) == 0
+
+
+def test_without_fallback_errors_surface() -> None:
+    ids = random_ids(50, 8)
+    s1, s2 = FailingScorer("deepfm/1", 1), FakeScorer("autoint/1", 2)
+    with pytest.raises(ModelError):
+        guarded(s1, s2).rank(ids, 5, 10)
+    s1, s2 = FakeScorer("deepfm/1", 1), FakeScorer("autoint/1", 2)
+    pipe = guarded(s1, s2)
+    pipe.costs["deepfm/1"].calibrate(1.0, 1000, 10_000.0)
+    with pytest.raises(DeadlineExceeded):
+        pipe.rank(ids, 5, 10, deadline=Deadline(50))
+
+
+def test_single_stage_degrades_straight_to_the_fallback() -> None:
+    s1, s2 = FakeScorer("deepfm/1", 1), FailingScorer("autoint/1", 2)
+    popular = Popularity(["weekday", "creative"], POPULAR)
+    ids = np.array([[0, 11], [1, 7]], dtype=np.int64)
+    result = guarded(s1, s2, fallback=popular).rank(ids, 2, None, multi_stage=False)
+    assert result.indices.tolist() == [1, 0] and result.answered_by == "fallback"
+
+
+def test_cost_model_learns_from_runs() -> None:
+    cost = CostModel()
+    cost.calibrate(0.5, 1000, 10.5)
+    assert cost.estimate(1000) == pytest.approx(10.5)
+    for _ in range(200):
+        cost.observe(1000, 20.5)
+    assert cost.estimate(1000) == pytest.approx(20.5, rel=0.01)
+    cost.observe(5, 1000.0)  # tiny batches do not move the per-row cost
+    assert cost.estimate(1000) == pytest.approx(20.5, rel=0.01)
