@@ -29,6 +29,7 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.features import ContentKind, error_from_msgspec
+from app.lifecycle import DRAIN
 from app.openapi import register as register_openapi
 from app.pipeline import RankResult
 from app.schema import (
@@ -201,7 +202,7 @@ class ReadyResource:
         self.farm, self.codec = farm, codec
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        ready = self.farm.ready
+        ready = self.farm.ready and not DRAIN.draining  # false from the exit signal on
         models = [m.key for m in self.farm.models.values()]
         self.codec.write(resp, ReadyResponse(ready=ready, pid=os.getpid(), models=models))
         if not ready:

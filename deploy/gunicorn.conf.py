@@ -22,7 +22,8 @@ _config.run_path.mkdir(parents=True, exist_ok=True)
 wsgi_app = "app.asgi:app"
 bind = [f"unix:{_config.shared_socket}"]
 workers = _config.workers
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn's worker, draining on SIGTERM/SIGINT/SIGQUIT with /ready false (app/lifecycle.py).
+worker_class = "app.lifecycle.DrainingWorker"
 preload_app = False
 keepalive = _config.gunicorn_keepalive_s
 graceful_timeout = _config.graceful_timeout_s

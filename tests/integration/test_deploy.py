@@ -1,18 +1,15 @@
-"""The deployment around the app: request ids, nginx's balance over the workers, a worker
-killed under traffic, and the introspection endpoints, all through nginx."""
+"""The deployment around the app: request ids, nginx's balance over the workers, and the
+introspection endpoints, all through nginx. (A worker killed under load, and the drain on
+SIGTERM / SIGINT, are in tests/faults/test_lifecycle.py, each on its own stack.)"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import signal
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -27,9 +24,7 @@ from tests.integration.conftest import (
     JSON,
     TIMEOUT,
     Candidates,
-    access_log,
     parse,
-    start_stack,
     wait_for_log,
 )
 
@@ -169,132 +164,3 @@ def test_models_match_the_cards(
         assert summary["pool_size"] == config.pool_size
         want_stages = [i + 1 for i, s in enumerate(config.stages) if s.model == name]
         assert summary["stages"] == want_stages
-
-
-# -- a worker killed under traffic (its own stack, last in this module) ----------------------
-@pytest.fixture(scope="module")
-def kill_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    yield from start_stack(request, prefix="farm-k-")
-
-
-@dataclass
-class Traffic:
-    """A bounded request loop on a few keep-alive connections, in threads."""
-
-    url: str
-    body: bytes
-    threads: int = 3
-    max_per_thread: int = 5000
-    stop: threading.Event = field(default_factory=threading.Event)
-    results: list[tuple[float, bool, Any]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _pool: list[threading.Thread] = field(default_factory=list)
-
-    def _run(self) -> None:
-        headers = {"Content-Type": JSON}
-        with httpx.Client(base_url=self.url, timeout=TIMEOUT) as c:
-            for _ in range(self.max_per_thread):
-                if self.stop.is_set():
-                    return
-                t0 = time.monotonic()
-                try:
-                    r = c.post("/rank", content=self.body, headers=headers)
-                    ok, detail = r.status_code == 200, r.status_code
-                except httpx.HTTPError as exc:
-                    ok, detail = False, repr(exc)
-                with self._lock:
-                    self.results.append((t0, ok, detail))
-
-    def start(self) -> None:
-        self._pool = [threading.Thread(target=self._run, daemon=True) for _ in range(self.threads)]
-        for t in self._pool:
-            t.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self._pool:
-            t.join(timeout=120)
-        assert not any(t.is_alive() for t in self._pool), "traffic threads did not stop"
-
-    def successes(self, since: float = 0.0) -> int:
-        with self._lock:
-            return sum(1 for t0, ok, _ in self.results if ok and t0 >= since)
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, step: float = 0.05) -> float:
-    """Poll ``predicate`` until true; seconds it took (fails after ``timeout_s``)."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(step)
-    return time.monotonic() - t0
-
-
-def ready_pid_on(socket_path: str) -> int | None:
-    """The pid answering /ready on one worker's own unix socket, if it is ready."""
-    transport = httpx.HTTPTransport(uds=socket_path)
-    try:
-        with httpx.Client(transport=transport, base_url="http://worker", timeout=2.0) as c:
-            r = c.get("/ready")
-            return parse(r)["pid"] if r.status_code == 200 else None
-    except httpx.HTTPError:
-        return None
-
-
-def test_killed_worker_is_replaced_without_failed_requests(
-    kill_stack: Stack, candidates: Candidates, capsys: pytest.CaptureFixture[str]
-) -> None:
-    stack = kill_stack
-    before = sorted(stack.worker_pids())
-    assert len(before) == stack.config.workers == 2
-    body = msgspec.json.encode(
-        {"candidates": candidates.form(candidates.ids(200, 8), "rows"), "top_k": 5}
-    )
-    traffic = Traffic(stack.url, body)
-    traffic.start()
-    try:
-        wait_until(lambda: traffic.successes() >= 30, 60, "traffic to flow")
-        victim = before[0]
-        t_kill = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-
-        def replaced() -> bool:
-            pids = stack.worker_pids()
-            return victim not in pids and len(pids) == len(before)
-
-        replaced_s = wait_until(replaced, 10, "gunicorn to replace the killed worker")
-        (new_pid,) = set(stack.worker_pids()) - set(before)
-        sockets = [str(stack.config.worker_socket(i)) for i in range(stack.config.workers)]
-        ready_s = replaced_s + wait_until(
-            lambda: new_pid in map(ready_pid_on, sockets), 60, "the new worker to be ready", 0.2
-        )
-        t_ready = time.monotonic()
-        wait_until(lambda: traffic.successes(since=t_ready) >= 150, 60, "traffic after recovery")
-    finally:
-        traffic.finish()
-
-    results = traffic.results
-    failures = [(round(t0 - t_kill, 3), d) for t0, ok, d in results if not ok]
-    during = sum(1 for t0, _, _ in results if t_kill <= t0 < t_kill + ready_s)
-    time.sleep(1.5)  # access_log flush=1s
-    retried = [e for e in access_log(stack) if "," in e["upstream"]]  # nginx tried twice
-    with capsys.disabled():
-        print(
-            f"\nkill -9 {victim}: replaced by {new_pid} after {replaced_s:.2f}s, ready after "
-            f"{ready_s:.2f}s; {len(results)} requests ({during} between kill and ready), "
-            f"{len(retried)} retried by nginx on the other worker, "
-            f"{len(failures)} failed {failures[:5]}"
-        )
-    # nginx retries a request whose worker died (proxy_next_upstream error
-    # non_idempotent) and skips the dead socket: no client sees the kill.
-    assert failures == [], failures[:10]
-
-    # The replacement answers through nginx again: nginx left its socket out for
-    # fail_timeout (1 s) after the kill, then sequential requests alternate (least_conn).
-    with httpx.Client(base_url=stack.url, timeout=TIMEOUT) as c:
-        wait_until(
-            lambda: parse(c.get("/health"))["pid"] == new_pid,
-            30,
-            "the replacement worker to answer through nginx",
-        )
