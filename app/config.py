@@ -81,6 +81,26 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     default_top_k: Positive = 10
     max_predict_candidates: Positive = 64
 
+    # -- front proxy limits (nginx; README "Limits") -----------------------------------
+    #: Requests per second nginx admits from one client address (``$binary_remote_addr``);
+    #: the excess is answered 429 ``rate_limited`` with ``Retry-After``, never reaching a
+    #: worker. 0 turns the limit off. The default is a backstop against a runaway client,
+    #: well above what this farm serves (~4k ``/predict``/s on 2 cores), so the benchmarks,
+    #: which drive 4-5k requests/s from 127.0.0.1 alone, are never throttled.
+    rate_limit_rps: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 10_000
+    #: Requests one client may send above the rate at once; they are answered at once
+    #: (``nodelay``), not queued. nginx counts time in milliseconds per event-loop turn, so
+    #: the burst must cover a client's concurrent connections (wrk's 100) arriving together.
+    rate_limit_burst: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
+    #: Time a client has to send its whole request head. nginx then closes the connection
+    #: without an answer (logged as 408), so a slowloris client cannot pin a connection.
+    client_header_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
+    #: Longest pause between two reads of a request body (a pause, not the whole body:
+    #: nginx buffers the body before a worker sees it, so a trickle pins no worker).
+    client_body_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
+    #: Longest pause between two writes of a response to a client that stopped reading.
+    send_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
+
     # -- processes and network ---------------------------------------------------------
     workers: Positive = 2
     worker_class: Literal["uvicorn", "gthread", "sync"] = "uvicorn"

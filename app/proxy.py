@@ -35,8 +35,37 @@ def upstream_servers(config: Config) -> str:
     return "\n".join(lines)
 
 
+#: The shared-memory zone of the per-client rate limit (see ``rate_limit_directives``).
+RATE_LIMIT_ZONE = "per_client"
+
+
+def rate_limit_directives(config: Config) -> tuple[str, str]:
+    """(``http``-level zone, ``location``-level limit) for the per-client rate limit, or
+    two empty strings when ``rate_limit_rps`` is 0 (no limit, no zone)."""
+    if config.rate_limit_rps == 0:
+        return "", ""
+    zone = (
+        f"    limit_req_zone $binary_remote_addr zone={RATE_LIMIT_ZONE}:10m"
+        f" rate={config.rate_limit_rps}r/s;"
+    )
+    # nginx refuses burst=0: no burst is written as no burst parameter.
+    burst = f" burst={config.rate_limit_burst}" if config.rate_limit_burst else ""
+    limit = "\n".join(
+        [
+            # nodelay: the burst is answered at once, not spread over time; above it, 429.
+            f"            limit_req zone={RATE_LIMIT_ZONE}{burst} nodelay;",
+            "            limit_req_status 429;",
+            # Rejections are in the access log (status 429); at the default "error" level
+            # a flood would also write one error-log line per rejected request.
+            "            limit_req_log_level notice;",
+        ]
+    )
+    return zone, limit
+
+
 def render(config: Config, template: Path = TEMPLATE) -> str:
     user = getpass.getuser()
+    rate_zone, rate_limit = rate_limit_directives(config)
     values = {
         # Only effective as root (CI, a fresh machine): workers must be able to open the
         # gunicorn sockets, which belong to the invoking user.
@@ -53,6 +82,11 @@ def render(config: Config, template: Path = TEMPLATE) -> str:
         "port": str(config.port),
         "max_body_bytes": str(config.max_body_bytes),
         "worker_timeout_s": str(config.worker_timeout_s),
+        "rate_limit_zone": rate_zone,
+        "rate_limit": rate_limit,
+        "client_header_timeout_s": str(config.client_header_timeout_s),
+        "client_body_timeout_s": str(config.client_body_timeout_s),
+        "send_timeout_s": str(config.send_timeout_s),
     }
 
     def fill(match: re.Match[str]) -> str:

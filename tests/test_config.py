@@ -329,3 +329,53 @@ def test_reference_topology_file_is_a_valid_config() -> None:
     path = REPO_ROOT / "deploy" / "topologies" / "reference-2x6.toml"
     config = load(env={ENV_FILE: str(path)})
     assert (config.workers, config.pool_size, config.inference) == (2, 6, "executor")
+
+
+# -- front proxy limits --------------------------------------------------------------------
+def test_front_proxy_defaults_do_not_throttle_the_benchmarks() -> None:
+    """wrk drives 4-5k requests/s from 127.0.0.1 over up to 100 connections: the per-client
+    rate must sit above that, and the burst must cover connections arriving together."""
+    config = load(env={})
+    assert config.rate_limit_rps >= 10_000
+    assert config.rate_limit_burst >= 100
+    assert (config.client_header_timeout_s, config.client_body_timeout_s) == (10, 10)
+    assert config.send_timeout_s == 10
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CTR_FARM_RATE_LIMIT_RPS": "0"}, {"rate_limit_rps": 0}),  # off
+        ({"CTR_FARM_RATE_LIMIT_RPS": "50", "CTR_FARM_RATE_LIMIT_BURST": "0"},
+         {"rate_limit_rps": 50, "rate_limit_burst": 0}),
+        ({"CTR_FARM_CLIENT_HEADER_TIMEOUT_S": "2", "CTR_FARM_CLIENT_BODY_TIMEOUT_S": "3",
+          "CTR_FARM_SEND_TIMEOUT_S": "4"},
+         {"client_header_timeout_s": 2, "client_body_timeout_s": 3, "send_timeout_s": 4}),
+    ],
+)  # fmt: skip
+def test_front_proxy_limits_from_env(env: dict[str, str], expected: dict[str, int]) -> None:
+    config = load(env=env)
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert load(env=to_env(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "setting"),
+    [
+        ({"rate_limit_rps": -1}, {}, "rate_limit_rps"),
+        ({"rate_limit_rps": 1_000_001}, {}, "rate_limit_rps"),
+        ({}, {"CTR_FARM_RATE_LIMIT_RPS": "fast"}, "rate_limit_rps"),
+        ({}, {"CTR_FARM_RATE_LIMIT_RPS": "1.5"}, "rate_limit_rps"),
+        ({"rate_limit_burst": -1}, {}, "rate_limit_burst"),
+        ({"client_header_timeout_s": 0}, {}, "client_header_timeout_s"),
+        ({"client_header_timeout_s": 3601}, {}, "client_header_timeout_s"),
+        ({}, {"CTR_FARM_CLIENT_BODY_TIMEOUT_S": "0"}, "client_body_timeout_s"),
+        ({}, {"CTR_FARM_CLIENT_BODY_TIMEOUT_S": "10s"}, "client_body_timeout_s"),
+        ({"send_timeout_s": -5}, {}, "send_timeout_s"),
+    ],
+)
+def test_bad_front_proxy_limits_name_the_setting(
+    overrides: dict[str, Any], env: dict[str, str], setting: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(setting)):
+        load(overrides=overrides, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,13 @@ from typing import Any
 import pytest
 
 from app.config import Config, ConfigError, load
-from app.proxy import nginx_binary, prepare, render, upstream_servers
+from app.proxy import (
+    nginx_binary,
+    prepare,
+    rate_limit_directives,
+    render,
+    upstream_servers,
+)
 from app.stack import free_port
 
 NGINX = "/usr/sbin/nginx"
@@ -137,3 +144,132 @@ def test_nginx_rejects_a_broken_config(run_dir: Path) -> None:
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
     assert check.returncode != 0
     assert "client_max_body_sizes" in check.stderr
+
+
+# -- front proxy limits: rate limit, timeouts, nginx's own error answers ---------------------
+def location_block(text: str, name: str) -> str:
+    block = re.search(rf"\n        location {re.escape(name)} \{{\n(.*?)\n        \}}", text, re.S)
+    assert block is not None, f"no location {name}"
+    return block.group(1)
+
+
+def test_rate_limit_is_rendered_from_config(run_dir: Path) -> None:
+    text = render(proxy_config(run_dir, rate_limit_rps=37, rate_limit_burst=5))
+    assert len(re.findall(r"^\s*limit_req", text, re.M)) == 4  # zone, limit, status, log level
+    zones = re.findall(r"^\s*limit_req_zone .*$", text, re.M)
+    assert [z.strip() for z in zones] == [
+        "limit_req_zone $binary_remote_addr zone=per_client:10m rate=37r/s;"
+    ]
+    # The limit guards what reaches the workers; nginx's own answers are not limited.
+    proxied = location_block(text, "/")
+    assert "limit_req zone=per_client burst=5 nodelay;" in proxied
+    assert "limit_req_status 429;" in proxied
+    assert text.count("limit_req zone=") == 1
+    assert "error_page 429 @rate_limited;" in text
+
+
+def test_no_burst_is_no_burst_parameter(run_dir: Path) -> None:
+    _, limit = rate_limit_directives(proxy_config(run_dir, rate_limit_rps=5, rate_limit_burst=0))
+    assert "limit_req zone=per_client nodelay;" in limit  # nginx refuses burst=0
+
+
+@pytest.mark.parametrize("burst", [0, 1000])
+def test_rate_limit_zero_renders_no_limit(run_dir: Path, burst: int) -> None:
+    text = render(proxy_config(run_dir, rate_limit_rps=0, rate_limit_burst=burst))
+    assert re.findall(r"^\s*limit_req", text, re.M) == []
+    assert rate_limit_directives(proxy_config(run_dir, rate_limit_rps=0)) == ("", "")
+
+
+def test_default_rate_limit_is_on(run_dir: Path) -> None:
+    config = proxy_config(run_dir)
+    zone, limit = rate_limit_directives(config)
+    assert f"rate={config.rate_limit_rps}r/s;" in zone
+    assert f"burst={config.rate_limit_burst} nodelay;" in limit
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"client_header_timeout_s": 3, "client_body_timeout_s": 4, "send_timeout_s": 5}],
+    ids=["defaults", "custom"],
+)
+def test_client_timeouts_are_rendered_from_config(run_dir: Path, overrides: dict[str, Any]) -> None:
+    config = proxy_config(run_dir, **overrides)
+    text = render(config)
+    for directive, value in [
+        ("client_header_timeout", config.client_header_timeout_s),
+        ("client_body_timeout", config.client_body_timeout_s),
+        ("send_timeout", config.send_timeout_s),
+    ]:
+        assert re.findall(rf"^\s*{directive} (\S+);$", text, re.M) == [f"{value}s"]
+
+
+#: nginx's own answers: status -> (status sent, error code). 494 is nginx's internal code
+#: for an oversized header, answered 431.
+NGINX_ERRORS = {
+    400: (400, "bad_request"),
+    404: (404, "not_found"),
+    413: (413, "payload_too_large"),
+    414: (414, "uri_too_long"),
+    429: (429, "rate_limited"),
+    494: (431, "header_too_large"),
+    501: (501, "not_implemented"),
+    502: (503, "upstream_unavailable"),
+    504: (503, "upstream_unavailable"),
+    505: (505, "http_version_not_supported"),
+}
+
+
+def error_pages(text: str) -> dict[int, tuple[str | None, str]]:
+    """``error_page`` directives: status -> (``=status`` override or None, target)."""
+    pages: dict[int, tuple[str | None, str]] = {}
+    for codes, override, target in re.findall(
+        r"^\s*error_page ((?:\d+ )+)(?:=(\d+) )?(\S+);$", text, re.M
+    ):
+        for code in codes.split():
+            assert int(code) not in pages, f"error_page {code} twice"
+            pages[int(code)] = (override or None, target)
+    return pages
+
+
+def test_every_nginx_error_answer_is_json_in_the_farm_shape(run_dir: Path) -> None:
+    text = render(proxy_config(run_dir, max_body_bytes=4096))
+    pages = error_pages(text)
+    assert set(pages) == set(NGINX_ERRORS)
+    # 408 is never answered (nginx closes the connection), so it has no page.
+    assert 408 not in pages
+    for code, (override, target) in pages.items():
+        status, error_code = NGINX_ERRORS[code]
+        assert override in (None, str(status)), code
+        body = location_block(text, target if target.startswith("@") else f"= {target}")
+        if not target.startswith("@"):
+            assert "internal;" in body  # never reachable from outside
+        assert "default_type application/json;" in body
+        assert "add_header X-Request-ID $req_id always;" in body
+        returned = re.search(r"return (\d+) '(.*)';", body)
+        assert returned is not None, target
+        assert int(returned.group(1)) == status
+        doc = json.loads(returned.group(2).replace("$req_id", "rid-1"))
+        assert doc["request_id"] == "rid-1"
+        assert doc["error"]["code"] == error_code
+        assert doc["error"]["field"] is None
+        assert doc["error"]["message"]
+        assert set(doc) == {"error", "request_id"}
+        if status in (429, 503):
+            assert "add_header Retry-After 1 always;" in body
+    assert "4096 bytes" in location_block(text, "@payload_too_large")
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rate_limit_rps": 0},
+        {"rate_limit_rps": 1, "rate_limit_burst": 0, "client_header_timeout_s": 1},
+        {"rate_limit_rps": 1_000_000, "rate_limit_burst": 1_000_000, "send_timeout_s": 3600},
+    ],
+    ids=["no-limit", "smallest", "largest"],
+)
+def test_nginx_accepts_the_limits(run_dir: Path, overrides: dict[str, Any]) -> None:
+    argv = prepare(proxy_config(run_dir, nginx_bin=NGINX, **overrides))
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stderr
