@@ -47,6 +47,7 @@ def load_model(name: str, config: Config) -> LoadedModel:
         inter_threads=config.inter_threads,
         verify_sha256=config.verify_sha256,
         share_weights=config.share_weights,
+        shared_arena=config.shared_arena,
         profile_dir=config.ort_profile_path if config.ort_profiling else None,
     )
 

@@ -14,7 +14,13 @@ import onnxruntime as ort
 import pytest
 
 from app.errors import ModelError, ModelLoadError
-from app.sessions import LoadedModel, read_card, sha256_of
+from app.sessions import (
+    LoadedModel,
+    read_card,
+    read_initializers,
+    register_env_arena,
+    sha256_of,
+)
 from tests.fake_models import FIELDS, write_model
 
 
@@ -252,3 +258,156 @@ def test_ort_failures_become_model_error(model_dir: Path, ids: np.ndarray) -> No
     assert info.value.message == "model deepfm/1 failed to score the batch"
     assert info.value.status == 500
     assert model._free.qsize() == 1
+
+
+# -- shared weights, shared arena, ORT profiling -------------------------------------------
+REAL_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def test_read_initializers_matches_onnx(model_dir: Path) -> None:
+    from onnx import load as onnx_load
+    from onnx import numpy_helper
+
+    got = read_initializers(model_dir / "model.onnx")
+    want = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx_load(str(model_dir / "model.onnx")).graph.initializer
+    }
+    assert set(got) == set(want) == {"offsets", "weights", "axis1", "bias"}
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype, name
+        assert got[name].shape == array.shape, name
+        np.testing.assert_array_equal(got[name], array)
+        assert got[name].flags.c_contiguous and got[name].flags.writeable
+
+
+@pytest.mark.parametrize("name", ["deepfm", "autoint"])
+def test_read_initializers_of_the_served_models(name: str) -> None:
+    from onnx import load as onnx_load
+    from onnx import numpy_helper
+
+    path = REAL_MODELS / name / "1" / "model.onnx"
+    got = read_initializers(path)
+    want = {t.name: numpy_helper.to_array(t) for t in onnx_load(str(path)).graph.initializer}
+    assert set(got) == set(want)
+    for key, array in want.items():
+        np.testing.assert_array_equal(got[key], array)
+
+
+def test_read_initializers_rejects_what_is_not_protobuf(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x0f" * 10)  # wire type 7 does not exist
+    with pytest.raises(ValueError, match="wire type"):
+        read_initializers(path)
+
+
+@pytest.mark.parametrize("pool_size", [1, 3])
+@pytest.mark.parametrize("shared_arena", [False, True])
+def test_shared_weights_score_like_separate_sessions(
+    model_dir: Path, pool_size: int, shared_arena: bool
+) -> None:
+    separate = LoadedModel(model_dir, pool_size=pool_size)
+    shared = LoadedModel(
+        model_dir, pool_size=pool_size, share_weights=True, shared_arena=shared_arena
+    )
+    assert separate.shared_initializers == 0
+    assert shared.shared_initializers == 4
+    assert len(shared._sessions) == pool_size
+    assert len({id(s) for s in shared._sessions}) == pool_size
+    ids = batch(500, seed=3)
+    want = separate.run(ids)
+    with contextlib.ExitStack() as stack:  # every session of the pool, not just the top one
+        sessions = [stack.enter_context(shared.session()) for _ in range(pool_size)]
+        for sess in sessions:
+            np.testing.assert_array_equal(sess.run(["ctr"], {"ids": ids})[0], want)
+    np.testing.assert_array_equal(shared.run(ids), want)
+
+
+def test_shared_weights_are_one_copy_used_in_place(model_dir: Path) -> None:
+    """Writing to the pool's weight array changes what every session computes: ORT
+    reads that memory, so there are no per-session copies of it."""
+    model = LoadedModel(model_dir, pool_size=3, share_weights=True)
+    ids = batch(50, seed=4)
+    before = model.run(ids)
+    weights = model._shared["weights"].numpy()
+    weights += 1.0  # in place: the OrtValue wraps this very buffer
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(model.session()) for _ in range(3)]
+        outs = [sess.run(["ctr"], {"ids": ids})[0] for sess in sessions]
+    for out in outs:
+        assert (out > before).all()  # 4 fields x +1.0 on the logit
+        np.testing.assert_array_equal(out, outs[0])
+
+
+@pytest.mark.parametrize("name", ["deepfm", "autoint"])
+def test_shared_weights_on_the_served_models(name: str) -> None:
+    model_dir = REAL_MODELS / name / "1"
+    separate = LoadedModel(model_dir, pool_size=1)
+    shared = LoadedModel(model_dir, pool_size=2, share_weights=True, shared_arena=True)
+    assert shared.shared_initializers >= 10
+    vocab = np.array([f.vocab_size for f in shared.card.fields])
+    ids = (np.random.default_rng(9).random((300, len(vocab))) * vocab).astype(np.int64)
+    np.testing.assert_array_equal(shared.run(ids), separate.run(ids))
+
+
+def test_register_env_arena_is_idempotent() -> None:
+    register_env_arena()
+    register_env_arena()  # ORT would refuse a second allocator for the same device
+
+
+def test_profiling_off_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
+    model = LoadedModel(model_dir, pool_size=2)
+    model.run(batch(3))
+    model.close()
+    assert model.profiles == []
+
+
+def test_profiling_writes_one_trace_per_session(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profiles"
+    model = LoadedModel(model_dir, pool_size=2, profile_dir=out)
+    model.run(batch(10))
+    model.close()
+    assert len(model.profiles) == 2
+    assert sorted(p.parent for p in model.profiles) == [out, out]
+    names = sorted(p.name for p in model.profiles)
+    assert names[0].startswith("deepfm-1-pid") and "-s0_" in names[0]
+    assert "-s1_" in names[1]
+    assert all(p.suffix == ".json" and p.exists() for p in model.profiles)
+
+
+def test_farm_with_ort_profiling_writes_node_events_at_close(make_config, tmp_path: Path) -> None:
+    from app.service import Farm
+
+    run_dir = tmp_path / "run"
+    config = make_config(ort_profiling=True, run_dir=str(run_dir), pool_size=2)
+    assert config.ort_profile_path == run_dir / "ort-profiles"
+    farm = Farm(config)
+    farm.load()
+    farm.pipeline.rank(batch(40), top_k=5, stage1_k=20)
+    farm.close()
+    files = sorted(config.ort_profile_path.glob("*.json"))
+    # Two models (deepfm, autoint) x a pool of two sessions, one trace each.
+    assert len(files) == 4
+    assert {f.name.split("-pid")[0] for f in files} == {"deepfm-1", "autoint-1"}
+    ops: dict[str, set[str]] = {"deepfm-1": set(), "autoint-1": set()}
+    for f in files:  # warmup_runs is 0: only the session that ranked has node events
+        events = json.loads(f.read_text())
+        assert any(e.get("name") == "model_loading_uri" for e in events)
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                assert e["dur"] >= 0
+                ops[f.name.split("-pid")[0]].add(e["args"]["op_name"])
+    # Each model's ranking run shows up node by node (the fake graph's Gather, Sigmoid).
+    for model, seen in ops.items():
+        assert {"Gather", "Sigmoid"} <= seen, (model, seen)
+
+
+def test_profiling_is_off_by_default(make_config, tmp_path: Path) -> None:
+    from app.service import Farm
+
+    config = make_config(run_dir=str(tmp_path / "run"))
+    assert config.ort_profiling is False
+    farm = Farm(config)
+    farm.load()
+    farm.close()
+    assert not config.ort_profile_path.exists()
