@@ -50,12 +50,19 @@ class Shot:
     detail: str = ""
 
 
+#: A connection idle this long is closed, not reused: nginx closes idle client
+#: connections after 75 s, and a request written as it does so gets no answer (what
+#: every HTTP client avoids or retries; a 10-minute soak without this saw 13 such).
+IDLE_MAX_S = 30.0
+
+
 class _Conn:
     """HTTP/1.1 over one asyncio stream: Content-Length bodies, keep-alive."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.reusable = True
+        self.idle_since = time.monotonic()
 
     async def send(self, head: bytes, body: bytes) -> float:
         self.writer.write(head + body)
@@ -141,32 +148,42 @@ class OpenLoad:
     async def _run(self) -> None:
         idle: list[_Conn] = []
         slots = asyncio.Semaphore(self.max_connections)
-        heads = {
-            path: (
+        heads = [
+            (
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode()
             for path, body in self.mix
-        }
+        ]
 
         async def one(i: int, due: float) -> None:
             path, body = self.mix[i % len(self.mix)]
+            head = heads[i % len(self.mix)]
             async with slots:
-                conn = idle.pop() if idle else None
+                conn, idle_s = None, 0.0
+                while idle and conn is None:
+                    conn = idle.pop()
+                    idle_s = time.monotonic() - conn.idle_since
+                    if idle_s > IDLE_MAX_S:
+                        conn.close()
+                        conn, idle_s = None, 0.0
                 sent = float("nan")
                 try:
                     if conn is None:
                         conn = _Conn(*await asyncio.open_connection(self.host, self.port))
-                    sent = await asyncio.wait_for(conn.send(heads[path], body), self.timeout_s)
+                    sent = await asyncio.wait_for(conn.send(head, body), self.timeout_s)
                     status, answer = await asyncio.wait_for(conn.receive(), self.timeout_s)
                 except (TimeoutError, OSError, EOFError, ValueError, IndexError) as exc:
                     # EOFError: asyncio.IncompleteReadError, a connection cut mid-answer.
-                    end = time.monotonic()
-                    self.shots.append(Shot(path, due, sent, end, 0, type(exc).__name__))
+                    end, what = time.monotonic(), type(exc).__name__
+                    if conn is not None and idle_s:
+                        what += f" on a connection reused after {idle_s:.1f} s idle"
+                    self.shots.append(Shot(path, due, sent, end, 0, what))
                     if conn is not None:
                         conn.close()
                     return
                 if conn.reusable:
+                    conn.idle_since = time.monotonic()
                     idle.append(conn)
                 else:
                     conn.close()
