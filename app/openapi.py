@@ -96,6 +96,8 @@ _BODY_ERRORS: dict[int, tuple[str, Any]] = {
 #: The Swagger UI files /docs needs (the only ones /docs/{asset} serves).
 DOCS_ASSETS = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png")
 
+#: Every (path, method) the app may serve. Building the document fails on a served route
+#: missing here; an entry whose route is not served is left out of the document.
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/rank", "POST"): Operation(
         summary="Rank candidates by predicted CTR (two-stage cascade)",
@@ -134,6 +136,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/stats", "GET"): Operation(
         summary="This worker's counters (out-of-vocabulary ids per field)",
         responses={200: ("counters of the worker that answered", StatsResponse)},
+    ),
+    ("/metrics", "GET"): Operation(
+        summary="Prometheus metrics, merged across the workers",
+        responses={200: ("Prometheus text exposition format", {"text/plain": {"type": "string"}})},
     ),
     ("/openapi.json", "GET"): Operation(
         summary="This document",

@@ -8,7 +8,7 @@ One connection pool per client (keep-alive), msgpack bodies by default
 (``wire="json"`` for JSON), candidates as a numpy integer array ``[n, fields]`` (sent
 as rows, or as columns with ``array_form="columns"``) or in any of the API's three
 forms (a list of dicts keyed by field name, a list of rows, a dict of columns).
-Results are the server's own msgspec Structs (:mod:`app.schema`).
+Results are msgspec Structs (:mod:`ctr_farm.results`, mirroring the server's).
 
 Retries: a 503 or 429 answer, or a connection that could not be opened, is retried
 after the server's ``Retry-After`` (else a short exponential backoff), at most
@@ -51,7 +51,7 @@ import httpx
 import msgspec
 import numpy as np
 
-from app.schema import (
+from ctr_farm.results import (
     ErrorBody,
     HealthResponse,
     ModelsResponse,

@@ -17,17 +17,21 @@ import msgspec
 import numpy as np
 import pytest
 
-from app.schema import PredictResponse, Ranking, RankResponse
+from app import schema as server_schema
 from app.stack import Stack
 from ctr_farm import (
     APIError,
     AsyncClient,
     BadRequest,
     Client,
+    PredictResponse,
+    Ranking,
+    RankResponse,
     RequestTimeout,
     TooManyRequests,
     TransportError,
     Unavailable,
+    results,
 )
 from tests.integration.conftest import Candidates, parse, post
 from tests.test_imports import imported_after
@@ -156,7 +160,23 @@ def test_async_client_equals_a_direct_call(
 def test_the_client_does_not_import_the_server() -> None:
     modules = imported_after(["ctr_farm", "ctr_farm.client"])
     assert "httpx" in modules
-    assert not {m for m in modules if m.split(".")[0] in ("onnxruntime", "falcon", "torch")}
+    assert not {m for m in modules if m.split(".")[0] in ("app", "onnxruntime", "falcon", "torch")}
+
+
+@pytest.mark.parametrize(
+    "name", ["RankResponse", "PredictResponse", "ErrorBody", "ReadyResponse", "ModelsResponse"]
+)
+def test_client_structs_match_the_servers(name: str) -> None:
+    """Every field the server sends is in the client's struct with the same schema; the
+    client requires nothing the server might not send."""
+    _, server = msgspec.json.schema_components([getattr(server_schema, name)])
+    _, client = msgspec.json.schema_components([getattr(results, name)])
+    assert set(server) <= set(client)
+    for component, theirs in server.items():
+        ours = client[component]
+        for field, schema in theirs["properties"].items():
+            assert ours["properties"].get(field) == schema, f"{component}.{field}"
+        assert set(ours.get("required", [])) <= set(theirs.get("required", []))
 
 
 # -- retries and timeouts, against a scripted server -----------------------------------------
