@@ -418,3 +418,105 @@ def test_error_from_msgspec_on_real_errors() -> None:
     assert isinstance(err, InvalidRequest)
     assert err.field == "top_k"
     assert "`$" not in err.message
+
+
+# -- repeated keys -------------------------------------------------------------------------
+OBJ_TEXT = b'{"weekday": 1, "hour": 2, "region": 3, "city": 4'
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b"[" + OBJ_TEXT + b', "hour": 5}]', "candidates[0].hour"),
+        (b"[" + OBJ_TEXT + b"}, " + OBJ_TEXT + b', "city": 4}]', "candidates[1].city"),
+        # An escaped key is the same key.
+        (b"[" + OBJ_TEXT + b', "h\\u006fur": 5}]', "candidates[0].hour"),
+        (
+            b'{"weekday": [1], "hour": [2], "region": [3], "city": [4], "weekday": [5]}',
+            "candidates.weekday",
+        ),
+    ],
+)
+def test_a_repeated_json_key_is_invalid_and_named(raw: bytes, field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        space().decode(raw, "json")
+    assert info.value.field == field
+    assert "repeated key" in info.value.message
+
+
+def test_a_repeated_key_in_a_single_json_candidate_is_invalid() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        space().decode_one(OBJ_TEXT + b', "region": 9}', "json")
+    assert info.value.field == "candidate.region"
+
+
+def msgpack_map(pairs: list[tuple[str, Any]]) -> bytes:
+    """A msgpack map with exactly these pairs (repeats kept: a dict would merge them)."""
+    assert len(pairs) <= 15
+    return bytes([0x80 | len(pairs)]) + b"".join(
+        msgspec.msgpack.encode(k) + msgspec.msgpack.encode(v) for k, v in pairs
+    )
+
+
+GOOD_PAIRS = list(GOOD.items())
+
+
+@pytest.mark.parametrize(
+    ("call", "raw", "field"),
+    [
+        ("decode_one", msgpack_map([*GOOD_PAIRS, ("hour", 5)]), "candidate"),
+        ("decode", msgpack_map([(k, [v]) for k, v in GOOD_PAIRS] + [("city", [9])]), "candidates"),
+    ],
+)
+def test_a_repeated_msgpack_key_is_invalid(call: str, raw: bytes, field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        getattr(space(), call)(raw, "msgpack")
+    assert info.value.field == field
+
+
+def test_a_repeated_key_in_msgpack_objects_keeps_the_last_value() -> None:
+    """Documented (README, Errors): no cheap exact check for a list of msgpack maps."""
+    raw = b"\x91" + msgpack_map([*GOOD_PAIRS, ("hour", 5)])
+    ids, form = space().decode(raw, "msgpack")
+    assert form == "objects"
+    np.testing.assert_array_equal(ids, [[1, 5, 3, 4]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_no_repeat_is_never_rejected(form: str, kind: str) -> None:
+    """Whitespace and escaped keys do not confuse the count."""
+    ids, _ = decode(as_form(ROWS, form), kind)
+    assert ids.shape == (len(ROWS), len(FIELDS))
+    spaced = (
+        b"[ {\n"
+        + b" ,\n".join(
+            b'"\\u00%x%s" :  %d' % (ord(n[0]), n[1:].encode(), i) for i, n in enumerate(FIELD_NAMES)
+        )
+        + b"\n} ]"
+    )
+    ids, _ = space().decode(spaced, "json")
+    np.testing.assert_array_equal(ids, [[0, 1, 2, 3]])
+
+
+# -- errors Python raises through msgspec ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "call"),
+    [
+        (b'[{"\xff\xfe": 1}]', "decode"),
+        (b'{"\xc3\x28": 1}', "decode_one"),
+    ],
+)
+def test_invalid_utf8_in_a_key_is_malformed(raw: bytes, call: str) -> None:
+    with pytest.raises(MalformedBody) as info:
+        getattr(space(), call)(raw, "json")
+    assert info.value.message == "body holds invalid UTF-8"
+
+
+def test_deep_nesting_is_malformed_not_a_recursion_error() -> None:
+    deep = b'{"candidates": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(RecursionError) as info:
+        msgspec.json.decode(deep, type=RankRequest)
+    err = error_from_msgspec(info.value, "")
+    assert isinstance(err, MalformedBody)
+    assert (err.message, err.field) == ("body is nested too deeply", None)
