@@ -6,7 +6,12 @@ finds no free slot waits in a bounded queue, or is shed at once with 503 +
 
 * the queue is full (``max_queue``), or
 * the work already queued ahead (estimated ms, spread over the slots) plus the
-  request's own cost does not fit in what is left of its deadline.
+  request's own cost does not fit in what is left of its deadline (less a
+  ``headroom`` share kept for the rest of the request: encoding, the way back).
+
+Cost estimates are model time; what a request really holds its slot for (decoding,
+cutting, CPU shared with the other worker) is learned as a ratio, ``scale``, from every
+request that ran (:meth:`observe`), and applied to all estimates here.
 
 Waiters are served cheapest first (shortest job first, by estimated ms), so one large
 ranking does not hold back many small ones; a waiter older than ``aging_ms`` goes
@@ -54,12 +59,16 @@ class Admission:
         max_wait_ms: float,
         aging_ms: float,
         retry_after_s: int = 1,
+        headroom: float = 0.1,
     ) -> None:
         self.slots = slots
         self.max_queue = max_queue
         self.max_wait_ms = max_wait_ms
         self.aging_ms = aging_ms
         self.retry_after_s = retry_after_s
+        self.headroom = headroom
+        #: Slot time / estimated cost, a moving average (>= 1 once decode is counted).
+        self.scale = 1.0
         self.running = 0
         self.queued_cost_ms = 0.0
         self.waiting = 0
@@ -80,13 +89,14 @@ class Admission:
         if self.waiting >= self.max_queue:
             self.stats.shed_queue_full += 1
             raise self._shed(f"worker queue is full ({self.max_queue} waiting)")
-        remaining = deadline.remaining_ms()
-        expected_wait = self.queued_cost_ms / self.slots
-        if expected_wait + cost_ms > remaining:
+        remaining = deadline.remaining_ms() * (1.0 - self.headroom)
+        expected_wait = self.queued_cost_ms * self.scale / self.slots
+        own_ms = cost_ms * self.scale
+        if expected_wait + own_ms > remaining:
             self.stats.shed_no_time += 1
             raise self._shed(
                 f"cannot answer within the deadline: ~{expected_wait:.0f} ms queued ahead"
-                f" + ~{cost_ms:.0f} ms of work > {max(remaining, 0):.0f} ms left"
+                f" + ~{own_ms:.0f} ms of work > {max(remaining, 0):.0f} ms left"
             )
         waiter = _Waiter(
             cost_ms, next(self._seq), time.monotonic(), asyncio.get_running_loop().create_future()
@@ -96,7 +106,7 @@ class Admission:
         self.queued_cost_ms += cost_ms
         self.waiting += 1
         self.stats.queued += 1
-        limit_s = max(0.0, min(self.max_wait_ms, remaining - cost_ms)) / 1e3
+        limit_s = max(0.0, min(self.max_wait_ms, remaining - own_ms)) / 1e3
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), limit_s)
         except TimeoutError:
@@ -113,6 +123,12 @@ class Admission:
                 self._forget(waiter)
             raise
         self.stats.admitted += 1
+
+    def observe(self, cost_ms: float, held_ms: float) -> None:
+        """A request held its slot ``held_ms`` for an estimated ``cost_ms``."""
+        if cost_ms > 0.5:  # tiny estimates are mostly noise
+            ratio = min(max(held_ms / cost_ms, 0.5), 20.0)
+            self.scale += 0.05 * (ratio - self.scale)
 
     def release(self) -> None:
         """Give the slot back; hand it straight to the next waiter if any."""

@@ -12,13 +12,16 @@ import logging
 import os
 import re
 import secrets
+import time
 from typing import Any
 
 import falcon
 import falcon.asgi
 import msgspec
 
+from app import metrics
 from app.config import Config
+from app.deadlines import START_HEADER, TIMEOUT_HEADER, Deadline, parse_timeout
 from app.errors import (
     FarmError,
     MalformedBody,
@@ -26,6 +29,7 @@ from app.errors import (
     NotFound,
     NotReady,
     PayloadTooLarge,
+    Unavailable,
     UnsupportedMediaType,
 )
 from app.features import ContentKind, error_from_msgspec
@@ -118,15 +122,46 @@ async def read_body(req: falcon.asgi.Request, limit: int) -> bytes:
     return body
 
 
-class RequestId:
-    """Echo a well-formed ``X-Request-ID`` or mint one; it rides on every response."""
+class RequestContext:
+    """Per request: echo a well-formed ``X-Request-ID`` or mint one (it rides on every
+    response), and record the request's metrics when it is answered."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.farm = farm
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        req.context.t0 = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
         rid = req.get_header("X-Request-ID")
         if rid is None or not _REQUEST_ID_RE.match(rid):
             rid = secrets.token_hex(8)
         req.context.request_id = rid
         resp.set_header("X-Request-ID", rid)
+
+    async def process_response(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, ok: bool
+    ) -> None:
+        t0 = req.context.get("t0")
+        if t0 is None:  # process_request did not run (e.g. a lifespan event)
+            return
+        metrics.IN_FLIGHT.dec()
+        endpoint = req.uri_template or "unmatched"
+        status = resp.status if isinstance(resp.status, int) else int(str(resp.status)[:3])
+        result: RankResult | None = req.context.get("result")
+        code = req.context.get("error_code")
+        model = req.context.get("model", "")
+        if result is not None:
+            model = result.models[-1] if result.models else (result.fallback or "")
+            metrics.CANDIDATES.observe(result.n_input)
+            for i, key in enumerate(result.models):
+                ms = result.latency.get(f"stage{i + 1}_ms", 0.0)
+                metrics.stage_child(f"stage{i + 1}", key).observe(ms / 1e3)
+            if result.reason is not None:
+                metrics.DEGRADED.labels(result.answered_by, result.reason).inc()
+        if status == 503 and code is not None:
+            metrics.SHED.labels(code).inc()
+        metrics.requests_child(endpoint, str(status), model).inc()
+        metrics.latency_child(endpoint).observe(time.perf_counter() - t0)
 
 
 class Lifecycle:
@@ -158,8 +193,21 @@ def rank_response(result: RankResult) -> RankResponse:
     ]
     stats = RankStats(input=result.n_input, after_stage1=result.after_stage1, output=len(rankings))
     return RankResponse(
-        rankings=rankings, latency=result.latency, stats=stats, models=result.models
+        rankings=rankings,
+        latency=result.latency,
+        stats=stats,
+        models=result.models,
+        degraded=result.degraded,
+        answered_by=result.answered_by,
+        reason=result.reason,
+        fallback=result.fallback,
     )
+
+
+def request_deadline(farm: Farm, req: falcon.asgi.Request, field_ms: int | None) -> Deadline:
+    """The budget from the body or header (or the default), minus the time since nginx."""
+    header_ms = parse_timeout(req.get_header(TIMEOUT_HEADER))
+    return farm.deadline(field_ms, header_ms, req.get_header(START_HEADER))
 
 
 class RankResource:
@@ -170,7 +218,17 @@ class RankResource:
         kind = self.codec.request_kind(req)
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, RankRequest)
-        result = await self.farm.call(self.farm.rank, request, kind, cost=len(body))
+        deadline = request_deadline(self.farm, req, request.timeout_ms)
+        result = await self.farm.call(
+            self.farm.rank,
+            request,
+            kind,
+            deadline,
+            cost_ms=self.farm.estimate_rank_ms(request, kind),
+            body_bytes=len(body),
+            deadline=deadline,
+        )
+        req.context.result = result
         answer = rank_response(result)
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
 
@@ -183,7 +241,16 @@ class PredictResource:
         kind = self.codec.request_kind(req)
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, PredictRequest)
-        scores, model = await self.farm.call(self.farm.predict, request, kind, cost=len(body))
+        deadline = request_deadline(self.farm, req, request.timeout_ms)
+        scores, model = await self.farm.call(
+            self.farm.predict,
+            request,
+            kind,
+            cost_ms=0.0,
+            body_bytes=len(body),
+            deadline=deadline,
+        )
+        req.context.model = model.key
         name, _, version = model.key.partition("/")
         answer = PredictResponse(ctr=scores.tolist(), model=name, version=version)
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
@@ -204,7 +271,14 @@ class ReadyResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         ready = self.farm.ready and not DRAIN.draining  # false from the exit signal on
         models = [m.key for m in self.farm.models.values()]
-        self.codec.write(resp, ReadyResponse(ready=ready, pid=os.getpid(), models=models))
+        answer = ReadyResponse(
+            ready=ready,
+            pid=os.getpid(),
+            models=models,
+            breakers=self.farm.breaker_states(),
+            draining=DRAIN.draining,
+        )
+        self.codec.write(resp, answer)
         if not ready:
             resp.status = falcon.HTTP_503
 
@@ -230,6 +304,13 @@ class StatsResource:
         self.codec.write(resp, {"pid": os.getpid(), "oov_ids": oov})
 
 
+class MetricsResource:
+    """Prometheus text format, merged across every worker of this gunicorn."""
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.data, resp.content_type = metrics.render(), metrics.CONTENT_TYPE
+
+
 class ErrorHandlers:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
@@ -242,13 +323,16 @@ class ErrorHandlers:
             resp.set_header("X-Request-ID", rid)
 
     async def farm_error(self, req: Any, resp: Any, ex: FarmError, params: dict) -> None:
-        if ex.status >= 500:
+        req.context.error_code = ex.code
+        if isinstance(ex, Unavailable):
+            # PERF: no log line per shed request: under overload that is a log storm that
+            # costs the CPU the accepted requests need; sheds are counted in /metrics.
+            resp.set_header("Retry-After", str(ex.retry_after_s))
+        elif ex.status >= 500:
             log.warning(
                 "request failed",
                 extra={"code": ex.code, "error": ex.message, "request_id": _rid(req)},
             )
-        if ex.status == 503:
-            resp.set_header("Retry-After", "1")
         self._write(req, resp, ex.status, ErrorDetail(ex.code, ex.message, ex.field))
 
     async def http_error(self, req: Any, resp: Any, ex: falcon.HTTPError, params: dict) -> None:
@@ -281,7 +365,7 @@ def create_app(
     farm (the server case); tests that drive a farm themselves pass False."""
     farm = farm or Farm(config)
     codec = Codec()
-    middleware: list[object] = [RequestId()]
+    middleware: list[object] = [RequestContext(farm)]
     if manage_lifecycle:
         middleware.append(Lifecycle(farm))
     app = falcon.asgi.App(middleware=middleware, cors_enable=False)
@@ -291,6 +375,7 @@ def create_app(
     app.add_route("/ready", ReadyResource(farm, codec))
     app.add_route("/models", ModelsResource(farm, codec))
     app.add_route("/stats", StatsResource(farm, codec))
+    app.add_route("/metrics", MetricsResource())
     handlers = ErrorHandlers(codec)
     # Falcon picks the most specific handler; the catch-all must be registered first.
     app.add_error_handler(Exception, handlers.unexpected)

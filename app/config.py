@@ -21,6 +21,9 @@ import msgspec
 from app.pipeline import DEFAULT_STAGE1_K
 
 ENV_PREFIX = "CTR_FARM_"
+#: prometheus_client's own variable: set (to ``Config.metrics_path``) by the gunicorn
+#: config for the workers; its presence switches the metrics to multiprocess mode.
+PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ENV_FILE = "CTR_FARM_CONFIG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +96,26 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_body_bytes: Positive = 8 * 1024 * 1024
     default_top_k: Positive = 10
     max_predict_candidates: Positive = 64
+
+    # -- overload, deadlines, breakers (docs/RELIABILITY.md) ---------------------------
+    #: Budget of a request that names none (``timeout_ms`` / ``X-Request-Timeout-Ms``),
+    #: counted from when nginx received it.
+    default_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] = 1000
+    #: Requests that may wait for an inference slot in one worker; more are shed (503).
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
+    #: No request waits longer than this for a slot (nor past its own deadline).
+    max_queue_wait_ms: Positive = 500
+    #: Waiters are served cheapest first; one that has waited this long goes first.
+    queue_aging_ms: Positive = 50
+    #: Consecutive failures (errors, non-finite scores, runs stopped at the deadline)
+    #: that open a model's circuit breaker; after ``breaker_reset_s`` one trial runs.
+    breaker_failures: Positive = 5
+    breaker_reset_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: Ranking answered when no stage can: ``popular`` (candidates ordered by their
+    #: creative's share of training impressions, from the model card) or ``none`` (503).
+    fallback: Literal["popular", "none"] = "popular"
+    #: ``Retry-After`` seconds on every 503 the app sends.
+    retry_after_s: Positive = 1
 
     # -- front proxy limits (nginx; README "Limits") -----------------------------------
     #: Requests per second nginx admits from one client address (``$binary_remote_addr``);
@@ -184,12 +207,22 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         # on a connection the worker is closing at the same moment.
         return self.upstream_keepalive_s + 15
 
+    @property
+    def metrics_path(self) -> Path:
+        """Where the workers' prometheus_client files live (emptied at every start)."""
+        return self.run_path / "metrics"
+
     def worker_socket(self, slot: int) -> Path:
         return self.run_path / f"worker-{slot}.sock"
 
     @property
     def shared_socket(self) -> Path:
         return self.run_path / "gunicorn.sock"
+
+
+def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:
+    """The metrics directory shared by the workers, or None in a single process."""
+    return (os.environ if env is None else env).get(PROMETHEUS_ENV) or None
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -152,6 +152,7 @@ class Pipeline:
         max_candidates: int,
         breakers: Mapping[str, Breaker] | None = None,
         fallback: Scorer | None = None,
+        on_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -167,6 +168,7 @@ class Pipeline:
         self.breakers = dict(breakers or {})
         #: (scorer key, ``stage_error`` | ``stage_timeout``) -> count, for /stats and metrics.
         self.failures: Counter[tuple[str, str]] = Counter()
+        self.on_failure = on_failure
 
     def resolve_ks(
         self, n: int, top_k: int, stage1_k: int | None, multi_stage: bool = True
@@ -215,6 +217,8 @@ class Pipeline:
         except ModelError as exc:
             reason = "stage_timeout" if isinstance(exc, StageTimeout) else "stage_error"
             self.failures[scorer.key, reason] += 1
+            if self.on_failure is not None:
+                self.on_failure(scorer.key, reason)
             if breaker is not None:
                 breaker.failure()
             raise _Skipped(reason, exc) from exc

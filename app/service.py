@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from app import metrics
 from app.admission import Admission
 from app.breaker import Breaker
 from app.config import Config
@@ -104,7 +105,10 @@ class Farm:
             self.config.max_candidates,
             breakers=self.breakers,
             fallback=self._fallback(first),
+            on_failure=_count_failure,
         )
+        for key in self.breakers:
+            metrics.set_breaker(key, "closed")
         if self.config.inference != "inline":
             self._executor = ThreadPoolExecutor(
                 max_workers=self.config.pool_size, thread_name_prefix="infer"
@@ -204,7 +208,13 @@ class Farm:
             self.admission.release()
             raise
         # The slot is free when the thread is done, even if this coroutine is cancelled.
-        future.add_done_callback(lambda _: self.admission.release())
+        started = time.perf_counter()
+
+        def done(_: object) -> None:
+            self.admission.observe(cost_ms, (time.perf_counter() - started) * 1e3)
+            self.admission.release()
+
+        future.add_done_callback(done)
         watchdog = loop.call_later(max(deadline.remaining_ms(), 0.0) / 1e3, deadline.expire)
         try:
             return await asyncio.shield(future)
@@ -261,7 +271,8 @@ class Farm:
             )
         try:
             scores = model.run(ids)
-        except ModelError:
+        except ModelError as exc:
+            _count_failure(model.key, "stage_error" if type(exc) is ModelError else exc.code)
             breaker.failure()
             raise
         breaker.success()
@@ -297,3 +308,8 @@ class Farm:
 
 def _log_breaker(name: str, state: str) -> None:
     log.warning("circuit breaker changed", extra={"model": name, "state": state})
+    metrics.set_breaker(name, state)
+
+
+def _count_failure(model: str, kind: str) -> None:
+    metrics.MODEL_FAILURES.labels(model, kind).inc()

@@ -139,6 +139,56 @@ async def _run(
     return result
 
 
+async def _closed(
+    url: str, bodies: list[bytes], connections: int, duration_s: float, content_type: str
+) -> OpenLoopResult:
+    parts = urlsplit(url)
+    host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
+    result = OpenLoopResult(rate=0.0, duration_s=duration_s)
+    end = time.perf_counter() + duration_s
+    counter = iter(range(10**9))
+
+    async def client() -> None:
+        conn = _Conn(*await asyncio.open_connection(host, port))
+        try:
+            while time.perf_counter() < end:
+                body = bodies[next(counter) % len(bodies)]
+                head = (
+                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                t0 = time.perf_counter()
+                status, _ = await conn.request(head, body)
+                result.samples.append((status, (time.perf_counter() - t0) * 1e3))
+                result.sent += 1
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return result
+
+
+def run_closed_loop(
+    url: str,
+    bodies: list[bytes],
+    connections: int,
+    duration_s: float,
+    content_type: str = "application/json",
+) -> OpenLoopResult:
+    """``connections`` clients, each sending its next request when the last one returns:
+    the server's capacity at that concurrency (loopback only)."""
+    _check_loopback(url)
+    result = asyncio.run(_closed(url, bodies, connections, duration_s, content_type))
+    result.rate = len(result.samples) / duration_s
+    return result
+
+
+def _check_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    if not (host.startswith("127.") or host in ("localhost", "::1")):
+        raise ValueError(f"load is only ever sent to loopback, not {host!r}")
+
+
 def run_open_loop(
     url: str,
     bodies: list[bytes],
@@ -149,9 +199,7 @@ def run_open_loop(
     content_type: str = "application/json",
 ) -> OpenLoopResult:
     """Offer ``rate`` requests/s for ``duration_s`` to ``url`` (loopback only)."""
-    host = urlsplit(url).hostname or ""
-    if not (host.startswith("127.") or host in ("localhost", "::1")):
-        raise ValueError(f"load is only ever sent to loopback, not {host!r}")
+    _check_loopback(url)
     with contextlib.suppress(ImportError):
         import uvloop
 

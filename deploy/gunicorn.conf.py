@@ -7,17 +7,21 @@ nothing heavy is preloaded (ORT thread pools do not survive fork).
 """
 
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.config import load
+from app.config import PROMETHEUS_ENV, load
 from app.logconf import dict_config
 
 _config = load()
 _config.run_path.mkdir(parents=True, exist_ok=True)
+# Metrics in prometheus_client's multiprocess mode: the workers inherit this variable
+# (they import the app after fork) and write their samples under the run dir.
+os.environ[PROMETHEUS_ENV] = str(_config.metrics_path)
 
 wsgi_app = "app.asgi:app"
 bind = [f"unix:{_config.shared_socket}"]
@@ -63,3 +67,16 @@ def post_fork(server, worker):
 def worker_exit(server, worker):
     if _config.per_worker_sockets and hasattr(worker, "slot"):
         _config.worker_socket(worker.slot).unlink(missing_ok=True)
+
+
+def on_starting(server):
+    """Start with an empty metrics directory: counters begin at zero with the master."""
+    shutil.rmtree(_config.metrics_path, ignore_errors=True)
+    _config.metrics_path.mkdir(parents=True)
+
+
+def child_exit(server, worker):
+    """A worker is gone (exit or kill -9): its live gauges must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
