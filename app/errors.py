@@ -93,9 +93,7 @@ class Unavailable(ServerError):
     status = 503
     code = "unavailable"
 
-    def __init__(
-        self, message: str, field: str | None = None, retry_after_s: int = 1
-    ) -> None:
+    def __init__(self, message: str, field: str | None = None, retry_after_s: int = 1) -> None:
         super().__init__(message, field)
         self.retry_after_s = retry_after_s
 

@@ -81,7 +81,14 @@ def test_rank_response_shape(client, farm: Farm, ctype: str, form: str) -> None:
     assert result.headers["content-type"] == ctype  # mirrored
     body = decoded(result)
     assert set(body) == {
-        "rankings", "latency", "stats", "models", "degraded", "answered_by", "reason", "fallback"
+        "rankings",
+        "latency",
+        "stats",
+        "models",
+        "degraded",
+        "answered_by",
+        "reason",
+        "fallback",
     }
     assert not body["degraded"] and body["answered_by"] == "stage2" and body["reason"] is None
     assert [set(r) for r in body["rankings"]] == [{"index", "ctr", "rank"}] * 3

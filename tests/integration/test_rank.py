@@ -169,7 +169,14 @@ def test_response_shape(
         params["stage1_k"] = stage1_k
     answer = rank(client, candidates, ids, "columns", JSON, **params)
     assert set(answer) == {
-        "rankings", "latency", "stats", "models", "degraded", "answered_by", "reason", "fallback"
+        "rankings",
+        "latency",
+        "stats",
+        "models",
+        "degraded",
+        "answered_by",
+        "reason",
+        "fallback",
     }
     assert not answer["degraded"] and answer["answered_by"] == "stage2" and answer["reason"] is None
 
