@@ -10,7 +10,8 @@ The document is generated, never written by hand:
   ``oneOf`` objects / rows / columns;
 - the paths are the routes the Falcon app really serves (``falcon.inspect``): a route
   without an entry in :data:`OPERATIONS` makes the build fail, so a new endpoint
-  cannot be left out of the contract;
+  cannot be left out of the contract (``/admin/`` routes, which nginx never proxies,
+  are not part of it);
 - limits come from :class:`app.config.Config`, error codes from :mod:`app.errors`.
 
 The card fields are known only once the farm has loaded its models (after fork), so
@@ -235,9 +236,16 @@ def _limited(config: Config) -> Any:
 
 
 # -- the document ----------------------------------------------------------------------------
+#: Routes nginx never proxies (``location /admin/`` answers 404 on the public port; they
+#: are reached on a worker's unix socket with a token): not part of the public contract.
+PRIVATE_PREFIXES = ("/admin/",)
+
+
 def served_routes(app: falcon.asgi.App) -> Iterator[tuple[str, str]]:
-    """(path, method) of every responder the app serves (not falcon's defaults)."""
+    """(path, method) of every public responder the app serves (not falcon's defaults)."""
     for route in falcon.inspect.inspect_routes(app):
+        if route.path.startswith(PRIVATE_PREFIXES):
+            continue
         for method in route.methods:
             if not method.internal:
                 yield route.path, method.method

@@ -60,6 +60,19 @@ def test_a_route_without_a_description_fails_the_build(farm: Farm) -> None:
         build_document(app, farm.config, next(iter(farm.models.values())).card.fields, ["x"])
 
 
+def test_private_routes_stay_out_of_the_document(farm: Farm) -> None:
+    class Private:
+        async def on_post(self, req: object, resp: object) -> None:
+            pass
+
+    app = create_app(farm.config, farm, manage_lifecycle=False)
+    app.add_route("/admin/anything", Private())
+    fields = next(iter(farm.models.values())).card.fields
+    doc = build_document(app, farm.config, fields, ["deepfm"])
+    assert "/rank" in doc["paths"]
+    assert not [p for p in doc["paths"] if p.startswith("/admin")]
+
+
 def test_post_endpoints_take_json_and_msgpack_and_list_their_errors(doc: dict[str, Any]) -> None:
     for path in ("/rank", "/predict"):
         op = doc["paths"][path]["post"]
