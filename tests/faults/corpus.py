@@ -2,9 +2,8 @@
 
 Each :class:`Case` is one malformed request: its name, content type, body (bytes or a
 builder over a :class:`Kit`), the paths it is sent to, and the documented answer (status,
-``error.code``, ``error.field``; README "Errors" and "Limits"). ``gap`` marks a case that
-gets a 500 today, with the reason: the test expects the documented 4xx under a strict
-``xfail``, so the fix flips it and the marker must go.
+``error.code``, ``error.field``; README "Errors" and "Limits"). Every case is a 4xx:
+none may answer 5xx.
 
 :data:`CONTROLS` are documented non-errors next to the corpus (out-of-vocabulary ids map
 to the OOV bucket; a repeated top-level key or a repeated key in a msgpack candidate
@@ -21,8 +20,6 @@ from typing import Any
 import msgspec
 
 from app.config import Config
-from app.features import DECODE_ERRORS
-from app.schema import RankRequest
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -30,12 +27,6 @@ RANK, PREDICT = "/rank", "/predict"
 BOTH = (RANK, PREDICT)
 INT64_MAX = 2**63 - 1
 DEEP = 10_000
-
-#: Why the deep-nesting and invalid-UTF-8 cases get a 500 today.
-API_GAP = (
-    "app/api.py Codec.decode catches only msgspec.MsgspecError; RecursionError and "
-    "UnicodeDecodeError escape to the catch-all 500 (catch app.features.DECODE_ERRORS)"
-)
 
 
 @dataclass(frozen=True)
@@ -94,8 +85,6 @@ class Case:
     field: Any = None
     content_type: str | None = JSON
     paths: tuple[str, ...] = (RANK,)
-    #: Why it answers 500 today (the case is a strict xfail until that is fixed).
-    gap: str | None = None
 
     def build(self, kit: Kit) -> bytes:
         return self.body(kit) if callable(self.body) else self.body
@@ -209,7 +198,6 @@ CASES: list[Case] = [
         400,
         "malformed_body",
         None,
-        gap=API_GAP,
     ),
     Case(
         "utf8-invalid-msgpack-top-level-key",
@@ -218,7 +206,6 @@ CASES: list[Case] = [
         "malformed_body",
         None,
         MSGPACK,
-        gap=API_GAP,
     ),
     Case(
         "utf8-invalid-predict-model",
@@ -227,7 +214,6 @@ CASES: list[Case] = [
         "malformed_body",
         None,
         paths=(PREDICT,),
-        gap=API_GAP,
     ),
     Case(
         "lone-surrogate-escape-key",
@@ -606,8 +592,8 @@ CASES: list[Case] = [
         "invalid_request",
         "candidates[0][0]",
     ),
-    Case("nested-10k-lists", too_deep, 400, "malformed_body", None, gap=API_GAP),
-    Case("nested-10k-objects", too_deep_objects, 400, "malformed_body", None, gap=API_GAP),
+    Case("nested-10k-lists", too_deep, 400, "malformed_body", None),
+    Case("nested-10k-objects", too_deep_objects, 400, "malformed_body", None),
     # forbid_unknown_fields stops at the key, before the nested value is read.
     Case("nested-10k-under-unknown-field", deep_unknown_field, 400, "invalid_request", None),
     Case(
@@ -617,7 +603,6 @@ CASES: list[Case] = [
         "malformed_body",
         None,
         MSGPACK,
-        gap=API_GAP,
     ),
     # -- top_k / stage1_k out of range ------------------------------------------------------------
     Case("top_k-zero", lambda k: k.rank(top_k=0), 400, "invalid_request", "top_k"),
@@ -756,15 +741,3 @@ CONTROLS: list[Control] = [
         MSGPACK,
     ),
 ]
-
-
-def known_gap(body: bytes, content_type: str, typ: type = RankRequest) -> bool:
-    """Whether ``body`` hits :data:`API_GAP`: its top-level decode (what app/api.py does)
-    raises an error that is not msgspec's. The /rank fuzz skips these: they are the
-    strict-xfail ``gap`` cases of the corpus."""
-    mod = msgspec.msgpack if content_type == MSGPACK else msgspec.json
-    try:
-        mod.decode(body, type=typ)
-    except DECODE_ERRORS as exc:
-        return not isinstance(exc, msgspec.MsgspecError)
-    return False
