@@ -20,6 +20,7 @@ import falcon.asgi
 import msgspec
 
 from app import metrics
+from app.admin import register as register_admin
 from app.config import Config
 from app.deadlines import START_HEADER, TIMEOUT_HEADER, Deadline, parse_timeout
 from app.errors import (
@@ -32,7 +33,7 @@ from app.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from app.features import ContentKind, error_from_msgspec
+from app.features import DECODE_ERRORS, ContentKind, error_from_msgspec
 from app.lifecycle import DRAIN
 from app.openapi import register as register_openapi
 from app.pipeline import RankResult
@@ -101,7 +102,7 @@ class Codec:
     def decode(self, body: bytes, kind: ContentKind, typ: type) -> Any:
         try:
             return self.decoders[kind, typ].decode(body)
-        except msgspec.MsgspecError as exc:
+        except DECODE_ERRORS as exc:  # msgspec lets RecursionError, UnicodeDecodeError out
             raise error_from_msgspec(exc, "") from exc
 
     def write(self, resp: falcon.asgi.Response, value: Any, kind: ContentKind = "json") -> None:
@@ -381,5 +382,6 @@ def create_app(
     app.add_error_handler(Exception, handlers.unexpected)
     app.add_error_handler(falcon.HTTPError, handlers.http_error)
     app.add_error_handler(FarmError, handlers.farm_error)
+    register_admin(app, farm)
     register_openapi(app, farm)  # /openapi.json, /docs: generated from the routes above
     return app

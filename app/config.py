@@ -116,6 +116,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     fallback: Literal["popular", "none"] = "popular"
     #: ``Retry-After`` seconds on every 503 the app sends.
     retry_after_s: Positive = 1
+    #: nginx's cap on concurrent requests per worker (``max_conns``; 0 = none). Requests
+    #: beyond it get nginx's JSON 503 without costing a worker anything.
+    upstream_max_conns: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Bearer token of the ``/admin/*`` endpoints (reachable on the workers' unix sockets
+    #: only; nginx answers 404). Empty: the admin endpoints answer 403.
+    admin_token: str = ""
 
     # -- front proxy limits (nginx; README "Limits") -----------------------------------
     #: Requests per second nginx admits from one client address (``$binary_remote_addr``);

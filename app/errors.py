@@ -6,6 +6,8 @@
     │   ├── InvalidRequest         (400 invalid_request)   valid body, bad shape or value
     │   ├── PayloadTooLarge        (413 payload_too_large)
     │   ├── UnsupportedMediaType   (415 unsupported_media_type)
+    │   ├── Unauthorized           (401 unauthorized)      admin call without the token
+    │   ├── Forbidden              (403 forbidden)         admin endpoints are disabled
     │   ├── NotFound               (404 not_found)
     │   └── MethodNotAllowed       (405 method_not_allowed)
     └── ServerError                (5xx)
@@ -59,6 +61,16 @@ class PayloadTooLarge(ClientError):
 class UnsupportedMediaType(ClientError):
     status = 415
     code = "unsupported_media_type"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(ClientError):

@@ -23,15 +23,18 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def upstream_servers(config: Config) -> str:
+    # With a cap, nginx refuses what no worker may take (502 -> the JSON 503 with
+    # Retry-After) for a few microseconds of its own time, not a worker's.
+    cap = f" max_conns={config.upstream_max_conns}" if config.upstream_max_conns else ""
     lines = []
     if config.per_worker_sockets:
         for slot in range(config.workers):
             sock = config.worker_socket(slot)
-            lines.append(f"        server unix:{sock} max_fails=1 fail_timeout=1s;")
+            lines.append(f"        server unix:{sock} max_fails=1 fail_timeout=1s{cap};")
         # The shared socket catches traffic while a worker slot is being replaced.
-        lines.append(f"        server unix:{config.shared_socket} backup;")
+        lines.append(f"        server unix:{config.shared_socket} backup{cap};")
     else:
-        lines.append(f"        server unix:{config.shared_socket};")
+        lines.append(f"        server unix:{config.shared_socket}{cap};")
     return "\n".join(lines)
 
 

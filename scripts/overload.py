@@ -31,9 +31,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--capacity-s", type=float, default=5.0)
     parser.add_argument("--overload-s", type=float, default=20.0)
+    parser.add_argument("--max-conns", type=int, default=0, help="upstream_max_conns")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
-    with running(Path(tempfile.mkdtemp(prefix="ovl-")), {"workers": args.workers}) as stack:
+    settings = {"workers": args.workers, "upstream_max_conns": args.max_conns}
+    with running(Path(tempfile.mkdtemp(prefix="ovl-")), settings) as stack:
         figures = measure(
             stack.url,
             args.workers,
