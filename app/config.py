@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from app.pipeline import DEFAULT_STAGE1_K
-
+#: ``stage1_k`` when neither the request nor the first stage's ``keep_k`` sets it.
+DEFAULT_STAGE1_K = 100
 ENV_PREFIX = "CTR_FARM_"
 #: prometheus_client's own variable: set (to ``Config.metrics_path``) by the gunicorn
 #: config for the workers; its presence switches the metrics to multiprocess mode.

@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.breaker import Breaker
+from app.config import DEFAULT_STAGE1_K
 from app.deadlines import Deadline
 from app.errors import (
     DeadlineExceeded,
@@ -35,8 +36,6 @@ from app.errors import (
     StageTimeout,
 )
 
-#: ``stage1_k`` when neither the request nor the first stage's ``keep_k`` sets it.
-DEFAULT_STAGE1_K = 100
 #: Field whose training popularity orders the fallback ranking.
 POPULAR_FIELD = "creative"
 

@@ -6,6 +6,7 @@ placeholders are filled from the Config; nothing is written outside ``run_dir``.
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import grp
 import os
@@ -133,10 +134,24 @@ def main() -> None:
     sys.exit(supervise(argv))
 
 
+def _quit_with_parent() -> None:
+    """In the child before exec: if this supervisor dies (even by SIGKILL), nginx gets
+    SIGQUIT instead of living on as an orphan holding the port (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)
+
+
+#: linux/prctl.h
+PR_SET_PDEATHSIG = 1
+
+
 def supervise(argv: list[str]) -> int:
     """Run nginx; turn SIGTERM/SIGINT (honcho, Ctrl-C) into SIGQUIT, nginx's graceful
-    shutdown, so requests in flight finish instead of being cut."""
-    proc = subprocess.Popen(argv)
+    shutdown, so requests in flight finish instead of being cut.
+
+    nginx gets its own session: honcho (and a terminal's Ctrl-C) signal the whole
+    process group, and a SIGTERM reaching nginx directly is its fast shutdown."""
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_quit_with_parent)
 
     def graceful(signum: int, frame: object) -> None:
         proc.send_signal(signal.SIGQUIT)

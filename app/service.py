@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -60,15 +59,9 @@ class Farm:
         self.models: dict[str, LoadedModel] = {}
         self.features: FeatureSpace | None = None
         self.pipeline: Pipeline | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self.breakers: dict[str, Breaker] = {}
-        self.admission = Admission(
-            slots=config.pool_size,
-            max_queue=config.max_queue,
-            max_wait_ms=config.max_queue_wait_ms,
-            aging_ms=config.queue_aging_ms,
-            retry_after_s=config.retry_after_s,
-        )
+        #: Inference threads and their queue (``load()``; none when ``inline``).
+        self.admission: Admission | None = None
         #: Bytes of request body per candidate, by wire format: estimates a request's
         #: size (hence its cost) before its candidates are decoded.
         self._bytes_per_candidate: dict[ContentKind, float] = {"json": 250.0, "msgpack": 60.0}
@@ -110,8 +103,12 @@ class Farm:
         for key in self.breakers:
             metrics.set_breaker(key, "closed")
         if self.config.inference != "inline":
-            self._executor = ThreadPoolExecutor(
-                max_workers=self.config.pool_size, thread_name_prefix="infer"
+            self.admission = Admission(
+                slots=self.config.pool_size,
+                max_queue=self.config.max_queue,
+                max_wait_ms=self.config.max_queue_wait_ms,
+                aging_ms=self.config.queue_aging_ms,
+                retry_after_s=self.config.retry_after_s,
             )
         for model in self.models.values():
             model.warm_up(self.config.warmup_runs)
@@ -129,10 +126,10 @@ class Farm:
 
     def close(self) -> None:
         self.ready = False
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            # Later calls run inline and meet NotReady (503), not a closed executor (500).
-            self._executor = None
+        if self.admission is not None:
+            self.admission.close()
+            # Later calls run inline and meet NotReady (503), not a closed queue (500).
+            self.admission = None
         for model in self.models.values():
             model.close()
 
@@ -184,14 +181,14 @@ class Farm:
         body_bytes: int = 0,
         deadline: Deadline | None = None,
     ) -> T:
-        """Run ``fn(*args)`` where inference runs: inline, or on the bounded executor
+        """Run ``fn(*args)`` where inference runs: inline, or on an inference thread
         behind admission control, with a watchdog that stops its model runs at the
         deadline.
 
         ``body_bytes`` decides in ``auto`` mode; ``cost_ms`` orders the admission queue.
         """
-        executor = self._executor
-        if executor is None or (
+        admission = self.admission
+        if admission is None or (
             self.config.inference == "auto" and body_bytes <= self.config.inline_max_body_bytes
         ):
             # PERF: inline, /predict did 3855 vs 3217 RPS (+20%) and 386 vs 468 us of worker
@@ -200,24 +197,10 @@ class Farm:
             return fn(*args)
         if deadline is None:
             deadline = Deadline(self.config.default_timeout_ms)
-        await self.admission.acquire(cost_ms, deadline)
         loop = asyncio.get_running_loop()
-        try:
-            future = loop.run_in_executor(executor, fn, *args)
-        except BaseException:
-            self.admission.release()
-            raise
-        # The slot is free when the thread is done, even if this coroutine is cancelled.
-        started = time.perf_counter()
-
-        def done(_: object) -> None:
-            self.admission.observe(cost_ms, (time.perf_counter() - started) * 1e3)
-            self.admission.release()
-
-        future.add_done_callback(done)
         watchdog = loop.call_later(max(deadline.remaining_ms(), 0.0) / 1e3, deadline.expire)
         try:
-            return await asyncio.shield(future)
+            return await admission.run(cost_ms, deadline, fn, *args)
         except asyncio.CancelledError:
             deadline.expire()  # the client is gone: stop its model runs now
             raise

@@ -64,3 +64,11 @@ def test_serving_does_not_import(serving_modules: set[str], forbidden: str) -> N
 def test_the_check_sees_what_was_imported(serving_modules: set[str]) -> None:
     """Guard: the subprocess really imported the serving stack."""
     assert {"app.asgi", "app.api", "onnxruntime", "falcon", "msgspec"} <= serving_modules
+
+
+def test_the_gunicorn_master_never_imports_onnxruntime() -> None:
+    """deploy/gunicorn.conf.py runs in the master before fork: ONNX Runtime's global state
+    (threads, condition variables) must not exist there, or a worker that exits hangs in
+    ORT's exit handlers (seen: a boot failure that never stopped gunicorn)."""
+    leaked = imported_after(["app.config", "app.logconf"])
+    assert "onnxruntime" not in leaked and "app.pipeline" not in leaked

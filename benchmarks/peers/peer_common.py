@@ -56,7 +56,7 @@ class Model:
             str(model_dir / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"]
         )
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, run_options: object = None) -> np.ndarray:
         return self.session.run([self.output], {self.input: ids})[0].reshape(-1)
 
 

@@ -20,7 +20,7 @@ class Oracle:
 
     key = "oracle/1"
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, run_options: object = None) -> np.ndarray:
         columns = {name: ids[:, i] for i, name in enumerate(logs_mod.FIELD_NAMES)}
         return logs_mod.true_ctr(columns).astype(np.float32)
 
@@ -33,7 +33,7 @@ class Hashed:
         self.weights = np.random.default_rng(seed).integers(1, 1000, size=16)
         self.levels = levels
 
-    def run(self, ids: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, run_options: object = None) -> np.ndarray:
         return (((ids @ self.weights) % self.levels) / self.levels).astype(np.float32)
 
 
