@@ -27,6 +27,7 @@ import onnxruntime
 
 from app.config import Config, load
 from benchmarks import fidelity
+from benchmarks.cli import int_list
 from benchmarks.ranking import (
     FULL_INTRAS,
     FULL_NS,
@@ -68,16 +69,6 @@ QUICK = {
     "fidelity_n": 100,
     "fidelity_requests": 4,
 }
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,17 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import load
 from benchmarks import cutoff, fidelity
+from benchmarks.cli import sorted_int_set
 from benchmarks.ranking import InProcess
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=d.n, help=f"candidates per request [{d.n}]")
     p.add_argument(
         "--stage1-k",
-        type=int_list,
+        type=sorted_int_set,
         default=d.stage1_ks,
         help=f"values to sweep [{','.join(map(str, d.stage1_ks))}]",
     )

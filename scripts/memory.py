@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cli import int_list
 from benchmarks.memory import (
     VARIANTS,
     Probe,
@@ -35,16 +36,6 @@ from benchmarks.memory import (
 
 VARIANT_FLAGS = {name: key for key, name in VARIANTS.items()}
 DEFAULT_VARIANTS = "separate,shared weights,shared weights+arena"
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
-    return values
 
 
 def variant_list(text: str) -> tuple[tuple[bool, bool], ...]:
