@@ -159,6 +159,8 @@ class RequestContext:
                 metrics.stage_child(f"stage{i + 1}", key).observe(ms / 1e3)
             if result.reason is not None:
                 metrics.DEGRADED.labels(result.answered_by, result.reason).inc()
+        if self.farm.admission is not None:
+            metrics.QUEUED.set(self.farm.admission.waiting)
         if status == 503 and code is not None:
             metrics.SHED.labels(code).inc()
         metrics.requests_child(endpoint, str(status), model).inc()

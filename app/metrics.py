@@ -59,11 +59,6 @@ QUEUED = Gauge(
     "Requests waiting for an inference slot now",
     multiprocess_mode="livesum",
 )
-QUEUE_WAIT = Histogram(
-    "ctr_farm_queue_wait_seconds",
-    "Time from nginx receiving a request to its inference starting",
-    buckets=_LATENCY_BUCKETS,
-)
 SHED = Counter("ctr_farm_shed", "Requests refused with 503 to protect latency", ["reason"])
 DEGRADED = Counter(
     "ctr_farm_degraded",

@@ -491,3 +491,28 @@ def test_unexpected_exception_is_a_generic_500(config: Config, make_farm) -> Non
         assert client.simulate_get("/health").status_code == 200
     finally:
         farm.close()
+
+
+# -- /metrics ------------------------------------------------------------------------------
+def sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_requests_errors_and_sheds(make_client) -> None:
+    client = make_client()
+    before = client.simulate_get("/metrics").text
+    assert post(client, "/rank", {"candidates": ROWS, "top_k": 2}).status_code == 200
+    assert post(client, "/rank", {"candidates": []}).status_code == 400
+    after = client.simulate_get("/metrics")
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+    ok = {"endpoint": "/rank", "status": "200", "model": "autoint/1"}
+    bad = {"endpoint": "/rank", "status": "400"}
+    name = "ctr_farm_requests_total"
+    assert sample(after.text, name, **ok) == sample(before, name, **ok) + 1
+    assert sample(after.text, name, **bad) == sample(before, name, **bad) + 1
+    stage = "ctr_farm_stage_duration_seconds_count"
+    assert sample(after.text, stage, stage="stage1") >= sample(before, stage, stage="stage1") + 1
+    assert "ctr_farm_breaker_state" in after.text and "ctr_farm_queue_waiting" in after.text
