@@ -15,33 +15,10 @@ import pytest
 
 from app.config import REPO_ROOT, Config
 from app.stack import Stack
+from tests.faults.corpus import INT64_MAX, Kit, mp
 from tests.integration.conftest import JSON, MSGPACK, Candidates, access_log, parse, wait_for_log
 
 pytestmark = pytest.mark.integration
-
-INT64_MAX = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class Kit:
-    """What the table's builders need: field names, one valid candidate, the limits."""
-
-    names: list[str]
-    obj: dict[str, int]
-    row: list[int]
-    config: Config
-
-    def rank(self, **fields: Any) -> bytes:
-        return msgspec.json.encode({"candidates": [self.obj], **fields})
-
-    def with_id(self, value: Any) -> bytes:
-        """One object candidate whose second field is ``value`` (JSON)."""
-        return msgspec.json.encode({"candidates": [{**self.obj, self.names[1]: value}]})
-
-    def raw_last_id(self, literal: bytes) -> bytes:
-        """One row whose last id is the JSON text ``literal`` (NaN, huge ints...)."""
-        head = b",".join(str(v).encode() for v in self.row[:-1])
-        return b'{"candidates": [[' + head + b"," + literal + b"]]}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +31,6 @@ class Case:
     field: Any = None
     content_type: str = JSON
     path: str = "/rank"
-
-
-def mp(value: Any) -> bytes:
-    return msgspec.msgpack.encode(value)
 
 
 def too_large(k: Kit) -> bytes:
