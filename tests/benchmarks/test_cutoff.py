@@ -4,16 +4,15 @@ scripts/choose_cutoff.py on a tiny sweep."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.config import REPO_ROOT, ConfigError, StageConfig, load
+from app.config import ConfigError, StageConfig, load
 from benchmarks import cutoff
+from tests.benchmarks.scripts import run_proc
 
 
 def row(k: int | None, p99: float, recall: float = 0.9) -> dict[str, Any]:
@@ -138,33 +137,24 @@ def test_summarize_orders_rows_and_computes_percentiles() -> None:
 def test_choose_cutoff_smoke(tmp_path: Path) -> None:
     """The script end to end with the real models on a tiny sweep."""
     out, report = tmp_path / "cutoff.toml", tmp_path / "report"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/choose_cutoff.py",
-            "--budget-ms",
-            "1000",
-            "--n",
-            "60",
-            "--stage1-k",
-            "10,30,100",
-            "--requests",
-            "4",
-            "--warmup",
-            "1",
-            "--out",
-            str(out),
-            "--report",
-            str(report),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_proc(
+        "scripts/choose_cutoff.py",
+        "--budget-ms",
+        "1000",
+        "--n",
+        "60",
+        "--stage1-k",
+        "10,30,100",
+        "--requests",
+        "4",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
         env={"PATH": "/usr/bin:/bin"},
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "largest stage1_k with p99 <= 1000 ms: 100" in proc.stdout
     rep = json.loads(report.with_suffix(".json").read_text())
     rows = {r["variant"]: r for r in rep["rows"]}
@@ -186,30 +176,22 @@ def test_choose_cutoff_smoke(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_choose_cutoff_with_no_value_in_budget_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "cutoff.toml"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/choose_cutoff.py",
-            "--budget-ms",
-            "0.001",
-            "--n",
-            "30",
-            "--stage1-k",
-            "10,20",
-            "--requests",
-            "2",
-            "--warmup",
-            "0",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_proc(
+        "scripts/choose_cutoff.py",
+        "--budget-ms",
+        "0.001",
+        "--n",
+        "30",
+        "--stage1-k",
+        "10,20",
+        "--requests",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
         env={"PATH": "/usr/bin:/bin"},
-        check=False,
+        returncode=1,
     )
-    assert proc.returncode == 1, proc.stderr[-3000:]
     assert "no stage1_k fits" in proc.stdout
     assert not out.exists()

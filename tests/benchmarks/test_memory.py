@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.config import REPO_ROOT
 from benchmarks import memory
+from tests.benchmarks.scripts import run_proc
 
 
 def fake_run(pool: int, weights: bool, arena: bool, rss: float, ms: float) -> dict[str, Any]:
@@ -106,32 +104,23 @@ def test_probes_show_the_pool_sharing_its_memory() -> None:
 @pytest.mark.integration
 def test_memory_script_smoke(tmp_path: Path) -> None:
     out = tmp_path / "memory"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/memory.py",
-            "--pools",
-            "1",
-            "--variants",
-            "separate,shared weights",
-            "--repeats",
-            "1",
-            "--calls",
-            "2",
-            "--n",
-            "100",
-            "--stage1-k",
-            "20",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = run_proc(
+        "scripts/memory.py",
+        "--pools",
+        "1",
+        "--variants",
+        "separate,shared weights",
+        "--repeats",
+        "1",
+        "--calls",
+        "2",
+        "--n",
+        "100",
+        "--stage1-k",
+        "20",
+        "--out",
+        str(out),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 1 | separate |" in proc.stdout and "| 1 | shared weights |" in proc.stdout
     lines = out.with_suffix(".csv").read_text().splitlines()
     assert lines[0].startswith("pool_size,share_weights,shared_arena,variant")

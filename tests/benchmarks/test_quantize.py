@@ -8,35 +8,26 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from app.config import REPO_ROOT
+from tests.benchmarks.scripts import run_proc
 
 pytestmark = pytest.mark.integration
 
 
 def test_quantize_quick(tmp_path: Path) -> None:
     out = tmp_path / "quantize.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/quantize.py",
-            "--quick",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--out",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_proc(
+        "scripts/quantize.py",
+        "--quick",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        timeout_s=120,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| fp32 |" in proc.stdout
     # One results row per model: "| fp32 | <size MB> | ...".
     assert len(re.findall(r"^\| fp32 \| [0-9.]+ \|", out.read_text(), re.M)) == 2

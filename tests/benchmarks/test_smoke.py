@@ -10,28 +10,13 @@ import importlib.util
 import itertools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from app.config import REPO_ROOT
+from tests.benchmarks.scripts import run_proc
 
 pytestmark = pytest.mark.integration
-
-
-def run_proc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def run_script(*args: str) -> str:
