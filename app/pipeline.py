@@ -88,6 +88,12 @@ def top_indices(scores: np.ndarray, positions: np.ndarray, k: int) -> np.ndarray
     return order[:k]
 
 
+def failure_kind(exc: ModelError) -> str:
+    """``stage_timeout`` (stopped at the deadline) or ``stage_error``: the reason and
+    metric label of a failed model run, wherever it ran."""
+    return "stage_timeout" if isinstance(exc, StageTimeout) else "stage_error"
+
+
 class CostModel:
     """A scorer's run time as ``fixed_ms + per_row_ms * n``, tracked by a moving average.
 
@@ -214,7 +220,7 @@ class Pipeline:
         try:
             scores = scorer.run(batch, None if deadline is None else deadline.run_options)
         except ModelError as exc:
-            reason = "stage_timeout" if isinstance(exc, StageTimeout) else "stage_error"
+            reason = failure_kind(exc)
             self.failures[scorer.key, reason] += 1
             if self.on_failure is not None:
                 self.on_failure(scorer.key, reason)

@@ -30,7 +30,7 @@ from app.errors import (
     NotReady,
 )
 from app.features import ContentKind, FeatureSpace
-from app.pipeline import Pipeline, Popularity, RankResult, Scorer, Stage
+from app.pipeline import Pipeline, Popularity, RankResult, Scorer, Stage, failure_kind
 from app.schema import BreakerState, ModelSummary, PredictRequest, RankRequest
 from app.sessions import LoadedModel
 
@@ -255,7 +255,7 @@ class Farm:
         try:
             scores = model.run(ids)
         except ModelError as exc:
-            _count_failure(model.key, "stage_error" if type(exc) is ModelError else exc.code)
+            _count_failure(model.key, failure_kind(exc))
             breaker.failure()
             raise
         breaker.success()
