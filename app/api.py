@@ -8,6 +8,7 @@ generic 500 that carries no internals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.features import DECODE_ERRORS, ContentKind, error_from_msgspec
-from app.lifecycle import DRAIN
+from app.lifecycle import DRAIN, RELOAD
 from app.openapi import register as register_openapi
 from app.pipeline import RankResult
 from app.schema import (
@@ -181,9 +182,21 @@ class Lifecycle:
             # (uvicorn exits with gunicorn's boot-error code: gunicorn halts).
             log.critical("worker cannot start: %s", exc.message, extra={"code": exc.code})
             raise
+        RELOAD.subscribe(self.on_hup)
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
+        RELOAD.unsubscribe(self.on_hup)
         self.farm.close()
+
+    def on_hup(self) -> None:
+        """SIGHUP: reload on a worker thread; the event loop goes on serving."""
+        asyncio.get_running_loop().run_in_executor(None, self.reload)
+
+    def reload(self) -> None:
+        try:
+            self.farm.reload()
+        except Exception:  # a signal has no caller to answer: log it whole, keep serving
+            log.exception("reload failed; the current models go on serving")
 
 
 def rank_response(result: RankResult) -> RankResponse:
@@ -293,7 +306,15 @@ class ModelsResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if not self.farm.ready:
             raise NotReady("models are not loaded yet")
-        self.codec.write(resp, ModelsResponse(models=self.farm.summaries()))
+        rejected, last_reload = self.farm.models_status()
+        answer = ModelsResponse(
+            models=self.farm.summaries(),
+            generation=self.farm.generation,
+            rejected=rejected,
+            last_reload=last_reload,
+            pid=os.getpid(),
+        )
+        self.codec.write(resp, answer)
 
 
 class StatsResource:

@@ -50,9 +50,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """Every setting of the farm, typed and documented once."""
 
     # -- models ------------------------------------------------------------------------
-    #: Model directories (``models/<name>/<version>``, holding model.onnx + card.json).
-    deepfm_model: str = "models/deepfm/1"
-    autoint_model: str = "models/autoint/1"
+    #: Each model's repository (``models/<name>``: its newest valid version serves, and a
+    #: reload moves to a newer one) or one version dir (``models/<name>/<version>``,
+    #: holding model.onnx + card.json: pinned). See app/registry.py.
+    deepfm_model: str = "models/deepfm"
+    autoint_model: str = "models/autoint"
     #: The cascade, in order. A third stage or another model is a config change.
     stages: tuple[StageConfig, ...] = (
         StageConfig(model="deepfm", keep_k=100),

@@ -160,5 +160,31 @@ class ModelSummary(msgspec.Struct):
     stages: list[int]
 
 
+class RejectedVersion(msgspec.Struct):
+    """A model version that failed validation (at boot or reload) and does not serve."""
+
+    name: str
+    version: str
+    reason: str
+
+
+class ReloadStatus(msgspec.Struct):
+    """The outcome of this worker's last reload."""
+
+    #: Unix time the reload finished.
+    at: float
+    #: The lineup serving after it (1 at boot, +1 per reload that changed a version).
+    generation: int
+    #: ``name/version`` of the versions it brought in (empty: nothing new).
+    changed: list[str]
+    rejected: list[RejectedVersion]
+    seconds: float
+
+
 class ModelsResponse(msgspec.Struct):
     models: list[ModelSummary]
+    #: This worker's lineup generation (see ReloadStatus).
+    generation: int = 0
+    rejected: list[RejectedVersion] = []
+    last_reload: ReloadStatus | None = None
+    pid: int = 0

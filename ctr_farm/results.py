@@ -94,5 +94,27 @@ class ModelSummary(msgspec.Struct):
     stages: list[int]
 
 
+class RejectedVersion(msgspec.Struct):
+    """A model version that failed validation (at boot or reload) and does not serve."""
+
+    name: str
+    version: str
+    reason: str
+
+
+class ReloadStatus(msgspec.Struct):
+    """The outcome of a worker's last reload."""
+
+    at: float
+    generation: int
+    changed: list[str]
+    rejected: list[RejectedVersion]
+    seconds: float
+
+
 class ModelsResponse(msgspec.Struct):
     models: list[ModelSummary]
+    generation: int = 0
+    rejected: list[RejectedVersion] = []
+    last_reload: ReloadStatus | None = None
+    pid: int = 0

@@ -280,7 +280,7 @@ def test_relative_paths_resolve_against_the_repo_root() -> None:
     config = load(overrides={"deepfm_model": "/abs/deepfm/1", "run_dir": "run-x"}, env={})
     dirs = config.model_dirs()
     assert dirs["deepfm"] == Path("/abs/deepfm/1")
-    assert dirs["autoint"] == REPO_ROOT / "models" / "autoint" / "1"
+    assert dirs["autoint"] == REPO_ROOT / "models" / "autoint"
     assert config.run_path == REPO_ROOT / "run-x"
     assert config.worker_socket(1) == REPO_ROOT / "run-x" / "worker-1.sock"
     assert config.shared_socket == REPO_ROOT / "run-x" / "gunicorn.sock"
