@@ -164,8 +164,37 @@ class RequestContext:
             metrics.QUEUED.set(self.farm.admission.waiting)
         if status == 503 and code is not None:
             metrics.SHED.labels(code).inc()
+        elapsed = time.perf_counter() - t0
         metrics.requests_child(endpoint, str(status), model).inc()
-        metrics.latency_child(endpoint).observe(time.perf_counter() - t0)
+        metrics.latency_child(endpoint).observe(elapsed)
+        variant = req.context.get("variant")
+        if variant is not None:
+            resp.set_header(VARIANT_HEADER, variant)
+            if self.farm.split:
+                self._record_variant(req, variant, endpoint, status, result, elapsed)
+
+    @staticmethod
+    def _record_variant(
+        req: falcon.asgi.Request,
+        variant: str,
+        endpoint: str,
+        status: int,
+        result: RankResult | None,
+        elapsed: float,
+    ) -> None:
+        """Guardrails per variant (only when traffic is split: A/B or canary)."""
+        outcomes, latency, ctr = metrics.variant_children(variant, endpoint)
+        if status >= 500 or (result is not None and result.reason in MODEL_FAILURE_REASONS):
+            outcome = "error"
+        elif status >= 400:
+            outcome = "client_error"
+        else:
+            outcome = "degraded" if result is not None and result.degraded else "ok"
+        outcomes[outcome].inc()
+        latency.observe(elapsed)
+        scores = result.scores if result is not None else req.context.get("ctr")
+        if scores is not None and len(scores):
+            ctr.observe(float(scores.mean()))
 
 
 class Lifecycle:
@@ -217,7 +246,23 @@ def rank_response(result: RankResult) -> RankResponse:
         answered_by=result.answered_by,
         reason=result.reason,
         fallback=result.fallback,
+        variant=result.variant,
     )
+
+
+#: Degraded answers that count as errors for a variant: its model failed, was stopped,
+#: or is shut off by its breaker.
+MODEL_FAILURE_REASONS = ("stage_error", "stage_timeout", "breaker_open")
+USER_KEY_HEADER, VARIANT_HEADER = "X-User-Key", "X-Variant"
+
+
+def request_variant(farm: Farm, req: falcon.asgi.Request, user_key: str | None) -> str:
+    """The A/B variant: by the ``X-User-Key`` header, the body's ``user_key``, or else
+    the request id; recorded for the metrics and sent back as ``X-Variant``."""
+    key = req.get_header(USER_KEY_HEADER) or user_key or req.context.request_id
+    variant = farm.route(key)
+    req.context.variant = variant
+    return variant
 
 
 def request_deadline(farm: Farm, req: falcon.asgi.Request, field_ms: int | None) -> Deadline:
@@ -235,11 +280,13 @@ class RankResource:
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, RankRequest)
         deadline = request_deadline(self.farm, req, request.timeout_ms)
+        variant = request_variant(self.farm, req, request.user_key)
         result = await self.farm.call(
             self.farm.rank,
             request,
             kind,
             deadline,
+            variant,
             cost_ms=self.farm.estimate_rank_ms(request, kind),
             body_bytes=len(body),
             deadline=deadline,
@@ -258,17 +305,20 @@ class PredictResource:
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, PredictRequest)
         deadline = request_deadline(self.farm, req, request.timeout_ms)
+        variant = request_variant(self.farm, req, request.user_key)
         scores, model = await self.farm.call(
             self.farm.predict,
             request,
             kind,
+            variant,
             cost_ms=0.0,
             body_bytes=len(body),
             deadline=deadline,
         )
         req.context.model = model.key
         name, _, version = model.key.partition("/")
-        answer = PredictResponse(ctr=scores.tolist(), model=name, version=version)
+        req.context.ctr = scores
+        answer = PredictResponse(ctr=scores.tolist(), model=name, version=version, variant=variant)
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
 
 
@@ -313,6 +363,7 @@ class ModelsResource:
             rejected=rejected,
             last_reload=last_reload,
             pid=os.getpid(),
+            traffic=self.farm.traffic_status(),
         )
         self.codec.write(resp, answer)
 

@@ -46,6 +46,55 @@ class StageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keep_k: Positive | None = None
 
 
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class VariantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One arm of an A/B split: a name, a share of the keys, and the model settings it
+    changes (empty: the farm's own ``deepfm_model`` / ``autoint_model``)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    weight: Share
+    deepfm_model: str = ""
+    autoint_model: str = ""
+
+
+class CanaryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A rollout of other model settings to a growing share of traffic (the variant
+    ``canary``; the rest is ``stable``), judged against ``stable`` before each step."""
+
+    deepfm_model: str = ""
+    autoint_model: str = ""
+    #: Share of the keys on the canary at each step; the last step is the rollout's end.
+    steps: tuple[Share, ...] = (0.01, 0.05, 0.25, 1.0)
+    #: Time on each step before it may advance (if the canary is within its bounds).
+    step_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: Canary requests a step needs before it is judged (fewer: the step waits).
+    min_requests: Positive = 50
+    #: Canary error rate may exceed stable's by this much (errors: 5xx answers and
+    #: rankings degraded by a failing or stopped model).
+    max_error_rate_delta: Share = 0.01
+    #: Canary p99 may be this many times stable's.
+    max_p99_ratio: Annotated[float, msgspec.Meta(ge=1.0)] = 1.5
+    #: Mean overlap with what stable returns for the same request (top-k), and with
+    #: what stable's stage 1 keeps, on a sampled ``compare_share`` of canary requests.
+    min_topk_overlap: Share = 0.5
+    min_stage1_overlap: Share = 0.7
+    compare_share: Share = 0.25
+
+
+class ShadowConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Other model settings run off the request path on a sampled share of ``/rank``."""
+
+    deepfm_model: str = ""
+    autoint_model: str = ""
+    share: Share = 0.1
+
+
+#: Config fields typed as structs: TOML tables in the file, JSON in env and flags.
+STRUCT_FIELDS = ("variants", "canary", "shadow")
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every setting of the farm, typed and documented once."""
 
@@ -64,6 +113,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     predict_model: str = "autoint"
     #: Verify the sha256 in card.json against model.onnx at load time.
     verify_sha256: bool = True
+
+    # -- traffic: A/B, canary, shadow (app/traffic.py) --------------------------------
+    #: A/B split: each request goes to one variant by a stable hash of its key
+    #: (``X-User-Key`` header or ``user_key`` field; else its request id). Weights sum
+    #: to 1. Empty: one variant, ``stable``.
+    variants: tuple[VariantConfig, ...] = ()
+    #: A canary rollout (not together with ``variants``).
+    canary: CanaryConfig | None = None
+    #: Shadow model settings, compared off the request path.
+    shadow: ShadowConfig | None = None
+    #: Salt of the A/B hash: another salt reshuffles which keys land where.
+    split_salt: str = "ctr-farm"
 
     # -- sessions ----------------------------------------------------------------------
     #: ONNX Runtime sessions per model per worker process (bounds concurrent inference).
@@ -177,6 +238,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 )
         if self.predict_model not in known:
             raise ConfigError(f"predict_model: unknown model {self.predict_model!r}")
+        self._check_traffic()
         # Requests that rely on the defaults must be valid: top_k <= every stage's keep_k.
         for i, stage in enumerate(self.stages[:-1]):
             if i > 0 and stage.keep_k is None:
@@ -187,10 +249,26 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                     f" ({self.default_top_k})"
                 )
 
+    def _check_traffic(self) -> None:
+        if self.variants:
+            names = [v.name for v in self.variants]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"variants: names must be unique, got {names}")
+            total = sum(v.weight for v in self.variants)
+            if abs(total - 1.0) > 1e-6:
+                raise ConfigError(f"variants: weights must sum to 1, got {total:g}")
+            if self.canary is not None:
+                raise ConfigError("canary: a canary rollout cannot run beside A/B variants")
+        if self.canary is not None and list(self.canary.steps) != sorted(self.canary.steps):
+            raise ConfigError(f"canary.steps: must not decrease, got {list(self.canary.steps)}")
+
     # -- derived values ------------------------------------------------------------------
-    def model_dirs(self) -> dict[str, Path]:
-        """Model name -> absolute directory of the version served."""
-        return {"deepfm": self.path(self.deepfm_model), "autoint": self.path(self.autoint_model)}
+    def model_dirs(self, override: Any = None) -> dict[str, Path]:
+        """Model name -> absolute directory (repository or pinned version) it serves from;
+        ``override`` (a variant, canary or shadow config) replaces the settings it sets."""
+        deepfm = (override and override.deepfm_model) or self.deepfm_model
+        autoint = (override and override.autoint_model) or self.autoint_model
+        return {"deepfm": self.path(deepfm), "autoint": self.path(autoint)}
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the repository root."""
@@ -249,6 +327,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if name == "stages":
             # "deepfm:100,autoint" -> stages; the TOML file is the richer form.
             out[name] = parse_stages(raw)
+        elif name in STRUCT_FIELDS:
+            if raw.strip():  # empty: the default (no variants, no canary, no shadow)
+                out[name] = _json_setting(name, raw)
         elif field.type is bool:
             word = raw.strip().lower()
             if word not in _TRUE + _FALSE:
@@ -257,6 +338,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         else:
             out[name] = raw
     return out
+
+
+def _json_setting(name: str, raw: str) -> Any:
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected JSON: {exc}") from exc
 
 
 def parse_stages(text: str) -> list[dict[str, Any]]:
@@ -283,7 +371,12 @@ def load(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{ENV_FILE}: cannot read config file {file!s}: {exc}") from exc
     merged.update(_from_env(env))
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        merged[key] = (
+            _json_setting(key, value) if key in STRUCT_FIELDS and isinstance(value, str) else value
+        )
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -297,6 +390,8 @@ def to_env(config: Config) -> dict[str, str]:
         value = getattr(config, name)
         if name == "stages":
             value = ",".join(f"{s.model}:{s.keep_k}" if s.keep_k else s.model for s in value)
+        elif name in STRUCT_FIELDS:
+            value = msgspec.json.encode(value).decode() if value else ""
         elif isinstance(value, bool):
             value = "1" if value else "0"
         out[ENV_PREFIX + name.upper()] = str(value)

@@ -13,6 +13,7 @@ Recording is on the hot path, so label children are bound once per label set.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -73,6 +74,55 @@ BREAKER = Gauge(
 )
 MODEL_FAILURES = Counter("ctr_farm_model_failures", "Model runs that failed", ["model", "kind"])
 
+# -- traffic: A/B variants, canary, shadow (app/traffic.py) -------------------------------
+_SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_CTR_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+VARIANT_REQUESTS = Counter(
+    "ctr_farm_variant_requests",
+    "Requests per A/B variant; outcome ok, degraded, error (5xx, or degraded by a failing"
+    " model) or client_error",
+    ["variant", "endpoint", "outcome"],
+)
+VARIANT_LATENCY = Histogram(
+    "ctr_farm_variant_request_duration_seconds",
+    "Time in the app per request, per A/B variant",
+    ["variant", "endpoint"],
+    buckets=_LATENCY_BUCKETS,
+)
+VARIANT_CTR = Histogram(
+    "ctr_farm_variant_predicted_ctr",
+    "Mean predicted CTR of the candidates returned, per variant (a guardrail)",
+    ["variant", "endpoint"],
+    buckets=_CTR_BUCKETS,
+)
+AGREEMENT = Histogram(
+    "ctr_farm_agreement",
+    "Overlap of another lineup's answer with the served one (shadow or canary vs stable):"
+    " what = topk (returned) or stage1 (kept by stage 1)",
+    ["comparison", "what"],
+    buckets=_SHARE_BUCKETS,
+)
+COMPARE_LATENCY = Histogram(
+    "ctr_farm_compare_duration_seconds",
+    "Time the other lineup took on a compared request (off the request path)",
+    ["comparison"],
+    buckets=_LATENCY_BUCKETS,
+)
+COMPARE_DROPPED = Counter(
+    "ctr_farm_compare_dropped", "Comparisons dropped: the comparator was busy", ["comparison"]
+)
+COMPARE_FAILED = Counter(
+    "ctr_farm_compare_failed", "Comparisons whose other lineup failed", ["comparison"]
+)
+CANARY_WEIGHT = Gauge(
+    "ctr_farm_canary_weight", "Share of keys on the canary now", multiprocess_mode="livemax"
+)
+CANARY_STATUS = Gauge(
+    "ctr_farm_canary_status",
+    "Canary rollout: 0 running, 1 promoted, 2 rolled back",
+    multiprocess_mode="livemax",
+)
+
 BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -91,14 +141,63 @@ def stage_child(stage: str, model: str):
     return STAGE_LATENCY.labels(stage, model)
 
 
-def render() -> bytes:
-    """The exposition text: every worker's samples merged, or this process's."""
+@cache
+def variant_children(variant: str, endpoint: str):
+    """(requests by outcome, latency, predicted CTR) children of one variant/endpoint."""
+    outcomes = {
+        o: VARIANT_REQUESTS.labels(variant, endpoint, o)
+        for o in ("ok", "degraded", "error", "client_error")
+    }
+    return (
+        outcomes,
+        VARIANT_LATENCY.labels(variant, endpoint),
+        VARIANT_CTR.labels(variant, endpoint),
+    )
+
+
+def _registry() -> CollectorRegistry:
+    """Every worker's samples merged (multiprocess mode), or this process's registry."""
     path = prometheus_multiproc_dir()
     if not path:
-        return generate_latest(REGISTRY)
+        return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
-    return generate_latest(registry)
+    return registry
+
+
+def render() -> bytes:
+    """The exposition text: every worker's samples merged, or this process's."""
+    return generate_latest(_registry())
+
+
+def variant_snapshot(endpoint: str = "/rank") -> dict[str, Any]:
+    """Farm-wide counters the canary is judged on, per variant: requests, errors,
+    cumulative latency buckets; and canary-vs-stable agreement sums and counts."""
+    out: dict[str, Any] = {}
+    for family in _registry().collect():
+        for sample in family.samples:
+            labels = sample.labels
+            if family.name == "ctr_farm_variant_requests" and sample.name.endswith("_total"):
+                if labels["endpoint"] != endpoint:
+                    continue
+                row = out.setdefault(labels["variant"], {"requests": 0.0, "errors": 0.0})
+                row["requests"] += sample.value
+                if labels["outcome"] == "error":
+                    row["errors"] += sample.value
+            elif (
+                family.name == "ctr_farm_variant_request_duration_seconds"
+                and sample.name.endswith("_bucket")
+                and labels["endpoint"] == endpoint
+            ):
+                row = out.setdefault(labels["variant"], {"requests": 0.0, "errors": 0.0})
+                buckets = row.setdefault("buckets", {})
+                buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + sample.value
+            elif family.name == "ctr_farm_agreement" and labels.get("comparison") == "canary":
+                part = sample.name.rsplit("_", 1)[-1]
+                if part in ("sum", "count"):
+                    agree = out.setdefault("agreement", {}).setdefault(labels["what"], {})
+                    agree[part] = agree.get(part, 0.0) + sample.value
+    return out
 
 
 def set_breaker(model: str, state: str) -> None:

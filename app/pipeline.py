@@ -74,7 +74,12 @@ class RankResult:
     answered_by: str = ""
     #: None, or why the answer is not the full cascade's (see module docstring).
     reason: str | None = None
+    #: The fallback ranking used (``popular``), when ``answered_by`` is ``fallback``.
     fallback: str | None = None
+    #: Candidate indices stage 1 kept (request order), when a later stage ran on them.
+    stage1_kept: np.ndarray | None = None
+    #: The A/B variant (or ``stable`` / ``canary``) that answered; set by the Farm.
+    variant: str = ""
 
     @property
     def degraded(self) -> bool:
@@ -257,6 +262,7 @@ class Pipeline:
         after_stage1 = n
         models: list[str] = []
         answered, reason = None, None
+        stage1_kept = None
         for i, stage in enumerate(stages):
             t0 = time.perf_counter()
             last = i == len(stages) - 1
@@ -280,6 +286,7 @@ class Pipeline:
                 alive, scores = alive[best], stage_scores[best]
             if i == 0:
                 after_stage1 = len(alive) if not last else n
+                stage1_kept = None if last else alive
             stage_s = time.perf_counter() - t0
             slot = i + 1 + offset
             latency[f"stage{slot}_ms"] = stage_s * 1e3
@@ -304,6 +311,7 @@ class Pipeline:
             answered_by="fallback" if answered is None else f"stage{answered}",
             reason=reason,
             fallback=fallback,
+            stage1_kept=stage1_kept,
         )
 
     def _degrade(

@@ -14,9 +14,10 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -35,16 +36,36 @@ from app.errors import (
     NotReady,
 )
 from app.features import ContentKind, FeatureSpace
-from app.pipeline import Pipeline, Popularity, RankResult, Scorer, Stage, failure_kind
+from app.pipeline import (
+    CostModel,
+    Pipeline,
+    Popularity,
+    RankResult,
+    Scorer,
+    Stage,
+    failure_kind,
+)
 from app.schema import (
     BreakerState,
+    CanaryStatus,
     ModelSummary,
     PredictRequest,
     RankRequest,
     RejectedVersion,
     ReloadStatus,
+    TrafficStatus,
 )
 from app.sessions import LoadedModel
+from app.traffic import (
+    CANARY,
+    SHADOW,
+    STABLE,
+    CanaryController,
+    Comparator,
+    Comparison,
+    Router,
+    sampled,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,44 +88,52 @@ def load_model(name: str, model_dir: Path, config: Config) -> LoadedModel:
 
 @dataclass(frozen=True, slots=True)
 class Lineup:
-    """The model versions a worker serves and the cascade over them.
+    """The model versions one variant serves and the cascade over them.
 
-    A reload builds a new one and swaps it in with one assignment: a request reads the
-    lineup once and finishes on it, so it never mixes versions; the old lineup's
+    A reload builds new ones and swaps them in with one assignment: a request reads its
+    lineup once and finishes on it, so it never mixes versions; an old lineup's
     sessions are freed when its last request lets go of it.
     """
 
-    generation: int
+    variant: str
     models: dict[str, LoadedModel]
     pipeline: Pipeline
     breakers: dict[str, Breaker]
-
-
-@dataclass(slots=True)
-class _Versions:
-    """What the model settings resolved to: one validated model per name, and the
-    versions rejected on the way (key ``name/version`` -> reason)."""
-
-    models: dict[str, LoadedModel] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
 
 
 class Farm:
     def __init__(self, config: Config, model_factory: ModelFactory = load_model) -> None:
         self.config = config
         self._factory = model_factory
-        self._lineup: Lineup | None = None
+        #: Variant name -> its lineup; the first is the default (``stable`` without A/B).
+        self._lineups: dict[str, Lineup] = {}
+        #: Lineup compared off the request path on a share of ``/rank`` (``shadow``).
+        self._shadow: Lineup | None = None
+        #: Bumped by every reload that changes a version (1 after boot).
+        self.generation = 0
         self.features: FeatureSpace | None = None
         #: Versions the last boot or reload refused (``name/version`` -> reason).
         self.rejected: dict[str, str] = {}
         self.last_reload: ReloadStatus | None = None
         self._reload_lock = threading.Lock()
+        #: One breaker and one cost estimate per model version, whichever lineups use it.
+        self._breakers: dict[str, Breaker] = {}
+        self._costs: dict[str, CostModel] = {}
+        self.router = Router(
+            [(v.name, v.weight) for v in config.variants] or [(STABLE, 1.0)], config.split_salt
+        )
+        self.comparator: Comparator | None = None
+        self.canary: CanaryController | None = None
         #: Inference threads and their queue (``load()``; none when ``inline``).
         self.admission: Admission | None = None
         #: Bytes of request body per candidate, by wire format: estimates a request's
         #: size (hence its cost) before its candidates are decoded.
         self._bytes_per_candidate: dict[ContentKind, float] = {"json": 250.0, "msgpack": 60.0}
         self.ready = False
+
+    @property
+    def _lineup(self) -> Lineup | None:
+        return next(iter(self._lineups.values()), None)
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -116,24 +145,30 @@ class Farm:
 
     @property
     def breakers(self) -> dict[str, Breaker]:
-        return self._lineup.breakers if self._lineup else {}
+        return dict(self._breakers)
 
     @property
-    def generation(self) -> int:
-        return self._lineup.generation if self._lineup else 0
+    def lineups(self) -> dict[str, Lineup]:
+        return dict(self._lineups)
 
     # -- lifecycle -----------------------------------------------------------------------
     def load(self) -> None:
         """Load every configured model, check they agree on fields, warm up, go ready."""
         t0 = time.perf_counter()
-        found = self._resolve(current={})
-        self.rejected = found.rejected
-        layouts = {m.card.field_names for m in found.models.values()}
+        found, self.rejected = self._resolve_all({})
+        layouts = {m.card.field_names for ms in found.values() for m in ms.values()}
         if len(layouts) != 1:
             raise ModelLoadError(f"models disagree on their input fields: {sorted(layouts)}")
-        first = next(iter(found.models.values()))
+        first = next(iter(next(iter(found.values())).values()))
         self.features = FeatureSpace(first.card.fields, self.config.max_candidates)
-        self._lineup = self._build(found.models, previous=None)
+        lineups = {variant: self._build(variant, models) for variant, models in found.items()}
+        self._shadow = lineups.pop(SHADOW, None)
+        self._lineups, self.generation = lineups, 1
+        if self._shadow is not None or self.config.canary is not None:
+            self.comparator = Comparator()
+        if self.config.canary is not None:
+            self.canary = CanaryController(self.config.canary, self.config.run_path, self.router)
+            self.canary.start()
         if self.config.inference != "inline":
             self.admission = Admission(
                 slots=self.config.pool_size,
@@ -147,7 +182,8 @@ class Farm:
             "farm ready",
             extra={
                 "pid": os.getpid(),
-                "models": [m.key for m in self.models.values()],
+                "lineups": {v: [m.key for m in ln.models.values()] for v, ln in lineups.items()},
+                "shadow": [m.key for m in self._shadow.models.values()] if self._shadow else None,
                 "rejected": self.rejected,
                 "pool_size": self.config.pool_size,
                 "load_s": round(time.perf_counter() - t0, 3),
@@ -159,30 +195,70 @@ class Farm:
             dict.fromkeys([s.model for s in self.config.stages] + [self.config.predict_model])
         )
 
-    def _resolve(self, current: Mapping[str, LoadedModel]) -> _Versions:
-        """The newest valid version of every model; the ``current`` one stays when no
-        newer version validates (it was validated when it came in)."""
-        out = _Versions()
+    def _settings(self) -> dict[str, Any]:
+        """Variant -> its model-settings override (None: the farm's own), shadow last."""
+        config = self.config
+        out: dict[str, Any]
+        if config.variants:
+            out = {v.name: v for v in config.variants}
+        elif config.canary is not None:
+            out = {STABLE: None, CANARY: config.canary}
+        else:
+            out = {STABLE: None}
+        if config.shadow is not None:
+            out[SHADOW] = config.shadow
+        return out
+
+    def _resolve_all(
+        self, current: Mapping[str, Lineup]
+    ) -> tuple[dict[str, dict[str, LoadedModel]], dict[str, str]]:
+        """Per variant, the newest valid version of every model (one load per version
+        dir, shared by the variants that resolve to it), and the versions rejected."""
+        loaded = {m.dir: m for ln in current.values() for m in ln.models.values()}
+        rejected: dict[str, str] = {}
+        found = {}
+        for variant, override in self._settings().items():
+            serving = current[variant].models if variant in current else {}
+            found[variant] = self._resolve(
+                self.config.model_dirs(override), serving, loaded, rejected
+            )
+        return found, rejected
+
+    def _resolve(
+        self,
+        settings: Mapping[str, Path],
+        serving: Mapping[str, LoadedModel],
+        loaded: dict[Path, LoadedModel],
+        rejected: dict[str, str],
+    ) -> dict[str, LoadedModel]:
+        """The newest valid version of every model named by ``settings``; the serving
+        one stays when no newer version validates (it was validated when it came in)."""
+        out: dict[str, LoadedModel] = {}
         for name in self._names():
-            setting = self.config.model_dirs()[name]
-            serving = current.get(name)
-            for version_dir in registry.candidates(setting):
-                if serving is not None and version_dir == serving.dir:
+            current = serving.get(name)
+            for version_dir in registry.candidates(settings[name]):
+                if current is not None and version_dir == current.dir:
                     break
+                if version_dir in loaded and loaded[version_dir].name == name:
+                    out[name] = loaded[version_dir]
+                    break
+                key = f"{name}/{version_dir.name}"
+                if key in rejected:
+                    continue
                 try:
-                    out.models[name] = self._validated(name, version_dir)
+                    out[name] = loaded[version_dir] = self._validated(name, version_dir)
                     break
                 except ModelLoadError as exc:
-                    out.rejected[f"{name}/{version_dir.name}"] = exc.message
+                    rejected[key] = exc.message
                     log.error(
                         "model version rejected",
                         extra={"model": name, "version": version_dir.name, "reason": exc.message},
                     )
-            if name not in out.models:
-                if serving is None:
-                    reasons = "; ".join(out.rejected.values())
+            if name not in out:
+                if current is None:
+                    reasons = "; ".join(rejected.values())
                     raise ModelLoadError(f"no valid version of model {name!r}: {reasons}")
-                out.models[name] = serving
+                out[name] = current
         return out
 
     def _validated(self, name: str, version_dir: Path) -> LoadedModel:
@@ -204,20 +280,19 @@ class Farm:
         registry.check_golden(model)
         return model
 
-    def _build(self, models: dict[str, LoadedModel], previous: Lineup | None) -> Lineup:
-        """A lineup over ``models``; breakers and cost estimates of versions that stay
-        carry over, new versions get fresh ones (calibrated here)."""
-        old_breakers = previous.breakers if previous else {}
-        breakers = {
-            m.key: old_breakers.get(m.key)
-            or Breaker(
-                m.key,
-                self.config.breaker_failures,
-                self.config.breaker_reset_s,
-                on_change=_log_breaker,
-            )
-            for m in models.values()
-        }
+    def _build(self, variant: str, models: dict[str, LoadedModel]) -> Lineup:
+        """A lineup over ``models``; a version keeps its breaker and cost estimate across
+        reloads and lineups, a new version gets fresh ones (calibrated here)."""
+        for model in models.values():
+            if model.key not in self._breakers:
+                self._breakers[model.key] = Breaker(
+                    model.key,
+                    self.config.breaker_failures,
+                    self.config.breaker_reset_s,
+                    on_change=_log_breaker,
+                )
+                metrics.set_breaker(model.key, "closed")
+        breakers = {m.key: self._breakers[m.key] for m in models.values()}
         first = next(iter(models.values()))
         pipeline = Pipeline(
             [Stage(models[s.model], s.keep_k) for s in self.config.stages],
@@ -227,44 +302,54 @@ class Farm:
             fallback=self._fallback(first),
             on_failure=_count_failure,
         )
-        for key in breakers.keys() - old_breakers.keys():
-            metrics.set_breaker(key, "closed")
         for model in models.values():
-            if previous is not None and model.key in previous.pipeline.costs:
-                pipeline.costs[model.key] = previous.pipeline.costs[model.key]
-            else:
+            if model.key not in self._costs:
                 self._calibrate(pipeline, model)
-        generation = previous.generation + 1 if previous else 1
-        return Lineup(generation, dict(models), pipeline, breakers)
+                self._costs[model.key] = pipeline.costs[model.key]
+            pipeline.costs[model.key] = self._costs[model.key]
+        return Lineup(variant, dict(models), pipeline, breakers)
 
     def reload(self) -> ReloadStatus:
         """Serve the newest valid version of every model, without dropping a request.
 
-        New versions are loaded and validated while the current lineup serves; the
+        New versions are loaded and validated while the current lineups serve; the
         switch is one assignment. A version that fails validation is rejected (logged,
         listed at ``/models``) and the current one goes on serving. Reloads run one at
         a time; a reload with nothing new is a no-op.
         """
         with self._reload_lock:
-            current = self._lineup
-            if current is None or not self.ready:
+            if not self._lineups or not self.ready:
                 raise NotReady("models are not loaded yet")
             t0 = time.perf_counter()
+            current = dict(self._lineups)
+            if self._shadow is not None:
+                current[SHADOW] = self._shadow
             try:
-                found = self._resolve(current.models)
+                found, rejected = self._resolve_all(current)
             except ModelLoadError as exc:  # a repository emptied under us: keep serving
-                found = _Versions(models=dict(current.models), rejected={"*": exc.message})
-            changed = sorted(
-                m.key for n, m in found.models.items() if m is not current.models.get(n)
-            )
+                found = {v: dict(ln.models) for v, ln in current.items()}
+                rejected = {"*": exc.message}
+            changed: set[str] = set()
+            lineups: dict[str, Lineup] = {}
+            for variant, models in found.items():
+                old = current[variant]
+                new = {m.key for n, m in models.items() if m is not old.models.get(n)}
+                lineups[variant] = self._build(variant, models) if new else old
+                changed |= new
             if changed:
-                self._lineup = self._build(found.models, previous=current)
-            self.rejected = found.rejected
+                self._shadow = lineups.pop(SHADOW, None)
+                self._lineups = lineups  # the switch: one assignment
+                self.generation += 1
+                used = {key for ln in lineups.values() for key in ln.breakers}
+                used |= set(self._shadow.breakers) if self._shadow else set()
+                self._breakers = {k: b for k, b in self._breakers.items() if k in used}
+                self._costs = {k: c for k, c in self._costs.items() if k in used}
+            self.rejected = rejected
             status = ReloadStatus(
                 at=time.time(),
                 generation=self.generation,
-                changed=changed,
-                rejected=_rejected_list(found.rejected),
+                changed=sorted(changed),
+                rejected=_rejected_list(rejected),
                 seconds=round(time.perf_counter() - t0, 3),
             )
             self.last_reload = status
@@ -276,15 +361,43 @@ class Farm:
 
     def close(self) -> None:
         self.ready = False
+        if self.canary is not None:
+            self.canary.close()
+        if self.comparator is not None:
+            self.comparator.close()
         if self.admission is not None:
             self.admission.close()
             # Later calls run inline and meet NotReady (503), not a closed queue (500).
             self.admission = None
-        for model in self.models.values():
+        lineups = [*self._lineups.values(), *([self._shadow] if self._shadow else [])]
+        for model in {id(m): m for ln in lineups for m in ln.models.values()}.values():
             model.close()
 
     def models_status(self) -> tuple[list[RejectedVersion], ReloadStatus | None]:
         return _rejected_list(self.rejected), self.last_reload
+
+    @property
+    def split(self) -> bool:
+        """Traffic is split between lineups (A/B variants or a canary)."""
+        return bool(self.config.variants) or self.config.canary is not None
+
+    def traffic_status(self) -> TrafficStatus:
+        canary = None
+        if self.canary is not None:
+            state = self.canary.state
+            canary = CanaryStatus(
+                status=state.status,
+                step=state.step,
+                weight=state.weight,
+                reason=state.reason,
+                figures=state.figures,
+            )
+        return TrafficStatus(
+            weights=dict(self.router.weights),
+            lineups={v: [m.key for m in ln.models.values()] for v, ln in self._lineups.items()},
+            shadow=[m.key for m in self._shadow.models.values()] if self._shadow else None,
+            canary=canary,
+        )
 
     def _fallback(self, model: LoadedModel) -> Scorer | None:
         if self.config.fallback == "none":
@@ -309,10 +422,16 @@ class Farm:
         pipeline.costs[model.key].calibrate(times[0], n, times[1])
 
     # -- inference -----------------------------------------------------------------------
-    def _require(self) -> tuple[FeatureSpace, Pipeline]:
-        if not self.ready or self.features is None or self.pipeline is None:
+    def _require(self, variant: str = "") -> tuple[FeatureSpace, Lineup]:
+        """The feature space and the variant's lineup (the default one for ``""``)."""
+        lineups = self._lineups
+        if not self.ready or self.features is None or not lineups:
             raise NotReady("models are not loaded yet", retry_after_s=self.config.retry_after_s)
-        return self.features, self.pipeline
+        return self.features, lineups.get(variant) or next(iter(lineups.values()))
+
+    def route(self, key: str) -> str:
+        """The variant that serves a request key (stable hash; see app/traffic.py)."""
+        return self.router.choose(key)
 
     def deadline(self, field_ms: int | None, header_ms: int | None, start: str | None) -> Deadline:
         """The request's deadline; 503 at once if it has already passed (queued too long)."""
@@ -361,15 +480,20 @@ class Farm:
 
     def estimate_rank_ms(self, request: RankRequest, kind: ContentKind) -> float:
         """Model time of a ranking, from its body size, before decoding the candidates."""
-        _, pipeline = self._require()
+        _, lineup = self._require()
+        pipeline = lineup.pipeline
         n = max(1, int(len(request.candidates) / self._bytes_per_candidate[kind]))
         n = min(n, self.config.max_candidates)
         return pipeline.estimate_ms(n, request.stage1_k, request.multi_stage)
 
     def rank(
-        self, request: RankRequest, kind: ContentKind, deadline: Deadline | None = None
+        self,
+        request: RankRequest,
+        kind: ContentKind,
+        deadline: Deadline | None = None,
+        variant: str = "",
     ) -> RankResult:
-        features, pipeline = self._require()
+        features, lineup = self._require(variant)
         ids, _ = features.decode(request.candidates, kind)
         if len(ids):
             bpc = self._bytes_per_candidate
@@ -377,12 +501,39 @@ class Farm:
         top_k = request.top_k
         if top_k is None:  # the default never contradicts an explicit, smaller stage1_k
             top_k = min(self.config.default_top_k, request.stage1_k or self.config.default_top_k)
-        return pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage, deadline)
+        pipeline = lineup.pipeline
+        result = pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage, deadline)
+        result = replace(result, variant=lineup.variant)
+        if self.comparator is not None and not result.degraded:
+            self._compare(
+                lineup,
+                partial(
+                    Pipeline.rank,
+                    ids=ids,
+                    top_k=top_k,
+                    stage1_k=request.stage1_k,
+                    multi_stage=request.multi_stage,
+                ),
+                result,
+            )
+        return result
 
-    def predict(self, request: PredictRequest, kind: ContentKind) -> tuple[np.ndarray, Scorer]:
-        features, _ = self._require()
-        lineup = self._lineup
-        assert lineup is not None  # _require() checked
+    def _compare(self, lineup: Lineup, rank: Callable[..., RankResult], result: RankResult) -> None:
+        """Hand a served ranking to the comparator: against the shadow lineup (a sampled
+        share of all), and a canary's against stable (a sampled share of the canary's)."""
+        assert self.comparator is not None
+        shadow, config = self._shadow, self.config
+        if shadow is not None and config.shadow is not None and sampled(config.shadow.share):
+            self.comparator.submit(Comparison(SHADOW, partial(rank, shadow.pipeline), result))
+        stable, canary = self._lineups.get(STABLE), config.canary
+        on_canary = lineup.variant == CANARY and stable is not None and canary is not None
+        if on_canary and sampled(canary.compare_share):
+            self.comparator.submit(Comparison(CANARY, partial(rank, stable.pipeline), result))
+
+    def predict(
+        self, request: PredictRequest, kind: ContentKind, variant: str = ""
+    ) -> tuple[np.ndarray, Scorer]:
+        features, lineup = self._require(variant)
         name = self.config.predict_model if request.model is None else request.model
         model = lineup.models.get(name)
         if model is None:

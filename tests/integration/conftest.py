@@ -13,7 +13,7 @@ import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +70,18 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
 def start_stack(
     request: pytest.FixtureRequest,
     prefix: str = "farm-",
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
 ) -> Iterator[Stack]:
     """A real stack on a free loopback port over a snapshot of the real models.
 
-    The run dir (sockets, logs, access.log) is removed afterwards unless a test failed.
+    ``settings`` override the config; a callable gets the snapshot's models dir first
+    (to add versions to it) and returns them. The run dir (sockets, logs, access.log)
+    is removed afterwards unless a test failed.
     """
     run_dir = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths < 107 bytes
     overrides = snapshot_models(run_dir / "models")
+    if callable(settings):
+        settings = settings(run_dir / "models")
     failed_before = request.session.testsfailed
     with running(
         run_dir, {"workers": 2, **overrides, **(settings or {})}, timeout_s=180.0
