@@ -8,6 +8,8 @@ Falcon layer in :mod:`app.api` only decodes, calls this, and encodes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import os
 import re
@@ -21,7 +23,7 @@ from typing import TypeVar
 import msgspec
 import numpy as np
 
-from app import metrics, registry
+from app import metrics, registry, tracing
 from app.admission import Admission
 from app.breaker import Breaker
 from app.config import Config
@@ -90,9 +92,16 @@ class _Versions:
 
 
 class Farm:
-    def __init__(self, config: Config, model_factory: ModelFactory = load_model) -> None:
+    def __init__(
+        self,
+        config: Config,
+        model_factory: ModelFactory = load_model,
+        tracer: tracing.Tracer | None = None,
+    ) -> None:
         self.config = config
         self._factory = model_factory
+        #: Request and stage spans (``Config.tracing``; built by ``load()`` unless given).
+        self.tracer = tracer
         self._lineup: Lineup | None = None
         self.features: FeatureSpace | None = None
         #: Versions the last boot or reload refused (``name/version`` -> reason).
@@ -133,6 +142,8 @@ class Farm:
             raise ModelLoadError(f"models disagree on their input fields: {sorted(layouts)}")
         first = next(iter(found.models.values()))
         self.features = FeatureSpace(first.card.fields, self.config.max_candidates)
+        if self.tracer is None:
+            self.tracer = tracing.from_config(self.config)  # after fork: this worker's own
         self._lineup = self._build(found.models, previous=None)
         if self.config.inference != "inline":
             self.admission = Admission(
@@ -226,6 +237,7 @@ class Farm:
             breakers=breakers,
             fallback=self._fallback(first),
             on_failure=_count_failure,
+            tracer=self.tracer,
         )
         for key in breakers.keys() - old_breakers.keys():
             metrics.set_breaker(key, "closed")
@@ -282,6 +294,8 @@ class Farm:
             self.admission = None
         for model in self.models.values():
             model.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # exports the spans still buffered
 
     def models_status(self) -> tuple[list[RejectedVersion], ReloadStatus | None]:
         return _rejected_list(self.rejected), self.last_reload
@@ -349,6 +363,10 @@ class Farm:
             return fn(*args)
         if deadline is None:
             deadline = Deadline(self.config.default_timeout_ms)
+        if self.tracer is not None:
+            # The inference thread runs the job in the request's context: its stage spans
+            # are children of the request's span.
+            fn = functools.partial(contextvars.copy_context().run, fn)
         loop = asyncio.get_running_loop()
         watchdog = loop.call_later(max(deadline.remaining_ms(), 0.0) / 1e3, deadline.expire)
         try:
