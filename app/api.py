@@ -126,7 +126,8 @@ async def read_body(req: falcon.asgi.Request, limit: int) -> bytes:
 
 class RequestContext:
     """Per request: echo a well-formed ``X-Request-ID`` or mint one (it rides on every
-    response), and record the request's metrics when it is answered."""
+    response), and record the request's metrics (and span, when tracing) when it is
+    answered."""
 
     def __init__(self, farm: Farm) -> None:
         self.farm = farm
@@ -139,6 +140,11 @@ class RequestContext:
             rid = secrets.token_hex(8)
         req.context.request_id = rid
         resp.set_header("X-Request-ID", rid)
+        tracer = self.farm.tracer
+        if tracer is not None:
+            req.context.span = tracer.start_request(
+                req.method, rid, req.get_header("traceparent"), req.get_header("tracestate")
+            )
 
     async def process_response(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, ok: bool
@@ -167,6 +173,9 @@ class RequestContext:
         elapsed = time.perf_counter() - t0
         metrics.requests_child(endpoint, str(status), model).inc()
         metrics.latency_child(endpoint).observe(elapsed)
+        span = req.context.get("span")
+        if span is not None:
+            span.end(endpoint, status, code, result, model)
         variant = req.context.get("variant")
         if variant is not None:
             resp.set_header(VARIANT_HEADER, variant)

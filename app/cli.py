@@ -9,34 +9,62 @@ exports it to the environment and hands over to honcho, which runs the Procfile.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import re
 import shutil
 import sys
+import typing
 from collections.abc import Sequence
 
 import msgspec
 
 from app.config import REPO_ROOT, Config, ConfigError, load, parse_stages, to_env
 
+_DOC_LINE = re.compile(r"^\s*#:\s?(.*)$")
+_FIELD_LINE = re.compile(r"^\s*(\w+)\s*:")
+EPILOG = """Every flag is also the environment variable CTR_FARM_<SETTING> and a key of the TOML
+file named by CTR_FARM_CONFIG (flags win). README.md documents each group of settings;
+"Dashboards and tracing" there covers --tracing and the Grafana dashboard in
+deploy/grafana/ctr-farm.json."""
+
+
+def setting_docs() -> dict[str, str]:
+    """Each setting's ``#:`` comment in :class:`Config` (where it is documented once)."""
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(Config).splitlines():
+        doc = _DOC_LINE.match(line)
+        if doc:
+            pending.append(doc.group(1))
+            continue
+        field = _FIELD_LINE.match(line)
+        if field and pending:
+            docs[field.group(1)] = " ".join(pending)
+        pending = []
+    return docs
+
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
+    docs = setting_docs()
     for field in msgspec.structs.fields(Config):
+        doc = docs.get(field.name, "").replace("``", "").replace("%", "%%") + " "
         if field.name == "stages":
             help_ = "cascade as model[:keep_k],... (default deepfm:100,autoint)"
-            parser.add_argument("--stages", help=help_)
+            parser.add_argument("--stages", help=doc + help_)
             continue
         default = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
+        help_ = f"{doc}(default {default})".lstrip()
         if isinstance(default, bool):
             parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"(default {default})",
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_
             )
+        elif typing.get_origin(field.type) is typing.Literal:
+            parser.add_argument(flag, default=None, choices=typing.get_args(field.type), help=help_)
         else:
-            parser.add_argument(flag, default=None, help=f"(default {default})")
+            parser.add_argument(flag, default=None, help=help_)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -65,7 +93,12 @@ def serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ctr-farm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="start nginx + gunicorn (honcho) on the bundled models")
+    p_serve = sub.add_parser(
+        "serve",
+        help="start nginx + gunicorn (honcho) on the bundled models",
+        description="Start nginx + gunicorn (honcho) on the bundled models.",
+        epilog=EPILOG,
+    )
     _add_config_flags(p_serve)
     p_serve.set_defaults(func=serve)
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ A bad value stops the boot with a message that names the setting
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -224,6 +225,20 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     graceful_timeout_s: Positive = 30
     worker_timeout_s: Positive = 60
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # -- tracing (README "Dashboards and tracing"; app/tracing.py) --------------------
+    #: OpenTelemetry spans, one per request and a child per cascade stage, with the
+    #: request id as ``ctr_farm.request_id``: ``off`` (OpenTelemetry is never imported),
+    #: ``stdout`` (one JSON line per span on the worker's stdout, written as each span
+    #: ends) or ``otlp`` (OTLP/HTTP protobuf to ``otlp_endpoint``, batched in the
+    #: background). Needs the ``tracing`` extra (``pip install -e '.[tracing]'``).
+    tracing: Literal["off", "stdout", "otlp"] = "off"
+    #: Where ``otlp`` posts spans: an OpenTelemetry Collector's (or Jaeger's, Tempo's)
+    #: OTLP/HTTP traces URL.
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    #: Share of traces recorded (0 to 1). A request with a W3C ``traceparent`` header joins
+    #: its caller's trace and follows the caller's sampling decision.
+    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
     #: nginx binary (found on PATH or /usr/sbin).
     nginx_bin: str = "nginx"
 
@@ -248,6 +263,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                     f"stages[{i}].keep_k: {stage.keep_k} is below default_top_k"
                     f" ({self.default_top_k})"
                 )
+        if self.tracing != "off":
+            _require_tracing(self.tracing, self.otlp_endpoint)
 
     def _check_traffic(self) -> None:
         if self.variants:
@@ -304,6 +321,29 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @property
     def shared_socket(self) -> Path:
         return self.run_path / "gunicorn.sock"
+
+
+#: Modules each tracing mode needs (the ``tracing`` extra of pyproject.toml).
+TRACING_MODULES = {
+    "stdout": ("opentelemetry.sdk.trace",),
+    "otlp": ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http"),
+}
+
+
+def _require_tracing(mode: str, endpoint: str) -> None:
+    """Stop the boot, naming the setting, when tracing is on but cannot work."""
+    for name in TRACING_MODULES[mode]:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            raise ConfigError(
+                f"tracing: {mode!r} needs the OpenTelemetry packages ({name} is not"
+                " installed): pip install -e '.[tracing]', or set tracing = \"off\""
+            )
+    if mode == "otlp" and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"otlp_endpoint: expected an http(s) URL, got {endpoint!r}")
 
 
 def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:

@@ -155,6 +155,12 @@ def variant_children(variant: str, endpoint: str):
     )
 
 
+def touch_comparison(label: str) -> None:
+    """Export a comparison's drop and failure counters from 0, before the first one."""
+    COMPARE_DROPPED.labels(label)
+    COMPARE_FAILED.labels(label)
+
+
 def _registry() -> CollectorRegistry:
     """Every worker's samples merged (multiprocess mode), or this process's registry."""
     path = prometheus_multiproc_dir()

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +35,9 @@ from app.errors import (
     ModelUnavailable,
     StageTimeout,
 )
+
+if TYPE_CHECKING:
+    from app.tracing import Tracer
 
 #: Field whose training popularity orders the fallback ranking.
 POPULAR_FIELD = "creative"
@@ -163,6 +166,7 @@ class Pipeline:
         breakers: Mapping[str, Breaker] | None = None,
         fallback: Scorer | None = None,
         on_failure: Callable[[str, str], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -179,6 +183,8 @@ class Pipeline:
         #: (scorer key, ``stage_error`` | ``stage_timeout``) -> count, for /stats and metrics.
         self.failures: Counter[tuple[str, str]] = Counter()
         self.on_failure = on_failure
+        #: A span per stage (``Config.tracing``), a child of the current request's span.
+        self.tracer = tracer
 
     def resolve_ks(
         self, n: int, top_k: int, stage1_k: int | None, multi_stage: bool = True
@@ -265,6 +271,9 @@ class Pipeline:
         stage1_kept = None
         for i, stage in enumerate(stages):
             t0 = time.perf_counter()
+            span = None
+            if self.tracer is not None:
+                span = self.tracer.start_stage(i + 1 + offset, stage.scorer.key, len(alive))
             last = i == len(stages) - 1
             keep = top_k if last else (stage1_k if i == 0 else (stage.keep_k or len(alive)))
             batch = ids if len(alive) == n else ids[alive]
@@ -272,6 +281,8 @@ class Pipeline:
             try:
                 stage_scores = self._run(stage.scorer, batch, deadline)
             except _Skipped as skip:
+                if span is not None:
+                    span.skip(skip.reason)
                 if skip.reason == "stage_error" and self.fallback is None and answered is None:
                     raise skip.cause from skip  # nothing else can answer: the model error
                 reason = skip.reason
@@ -294,6 +305,8 @@ class Pipeline:
             timings[f"stage{slot}_cut_ms"] = (stage_s - model_s) * 1e3
             models.append(stage.scorer.key)
             answered = slot
+            if span is not None:
+                span.end(len(alive))
         fallback = None
         if reason is not None:
             alive, scores, fallback = self._degrade(ids, alive, scores, answered, top_k, reason)

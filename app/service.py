@@ -8,6 +8,8 @@ Falcon layer in :mod:`app.api` only decodes, calls this, and encodes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 
-from app import metrics, registry
+from app import metrics, registry, tracing
 from app.admission import Admission
 from app.breaker import Breaker
 from app.config import Config
@@ -102,9 +104,16 @@ class Lineup:
 
 
 class Farm:
-    def __init__(self, config: Config, model_factory: ModelFactory = load_model) -> None:
+    def __init__(
+        self,
+        config: Config,
+        model_factory: ModelFactory = load_model,
+        tracer: tracing.Tracer | None = None,
+    ) -> None:
         self.config = config
         self._factory = model_factory
+        #: Request and stage spans (``Config.tracing``; built by ``load()`` unless given).
+        self.tracer = tracer
         #: Variant name -> its lineup; the first is the default (``stable`` without A/B).
         self._lineups: dict[str, Lineup] = {}
         #: Lineup compared off the request path on a share of ``/rank`` (``shadow``).
@@ -161,11 +170,15 @@ class Farm:
             raise ModelLoadError(f"models disagree on their input fields: {sorted(layouts)}")
         first = next(iter(next(iter(found.values())).values()))
         self.features = FeatureSpace(first.card.fields, self.config.max_candidates)
+        if self.tracer is None:
+            self.tracer = tracing.from_config(self.config)  # after fork: this worker's own
         lineups = {variant: self._build(variant, models) for variant, models in found.items()}
         self._shadow = lineups.pop(SHADOW, None)
         self._lineups, self.generation = lineups, 1
         if self._shadow is not None or self.config.canary is not None:
             self.comparator = Comparator()
+            for label in (SHADOW,) * (self._shadow is not None) + (CANARY,) * self.split:
+                metrics.touch_comparison(label)
         if self.config.canary is not None:
             self.canary = CanaryController(self.config.canary, self.config.run_path, self.router)
             self.canary.start()
@@ -301,6 +314,7 @@ class Farm:
             breakers=breakers,
             fallback=self._fallback(first),
             on_failure=_count_failure,
+            tracer=self.tracer,
         )
         for model in models.values():
             if model.key not in self._costs:
@@ -372,6 +386,8 @@ class Farm:
         lineups = [*self._lineups.values(), *([self._shadow] if self._shadow else [])]
         for model in {id(m): m for ln in lineups for m in ln.models.values()}.values():
             model.close()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # exports the spans still buffered
 
     def models_status(self) -> tuple[list[RejectedVersion], ReloadStatus | None]:
         return _rejected_list(self.rejected), self.last_reload
@@ -468,6 +484,10 @@ class Farm:
             return fn(*args)
         if deadline is None:
             deadline = Deadline(self.config.default_timeout_ms)
+        if self.tracer is not None:
+            # The inference thread runs the job in the request's context: its stage spans
+            # are children of the request's span.
+            fn = functools.partial(contextvars.copy_context().run, fn)
         loop = asyncio.get_running_loop()
         watchdog = loop.call_later(max(deadline.remaining_ms(), 0.0) / 1e3, deadline.expire)
         try:

@@ -24,8 +24,10 @@ SERVING = [
     "app.stack",
     "app.logconf",
     "app.asgi",
+    "app.tracing",
 ]
-FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline"]
+#: opentelemetry: imported only when a worker builds its tracer (Config.tracing on).
+FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline", "opentelemetry"]
 
 
 def imported_after(modules: list[str]) -> set[str]:
