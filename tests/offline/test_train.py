@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from app.catalog import validate  # noqa: E402
+from app.config import load  # noqa: E402
 from app.offline import logs  # noqa: E402
 from app.offline import train as trainer  # noqa: E402
 
@@ -88,6 +90,9 @@ def test_train_export_serve(name: str, data: trainer.Datasets, tmp_path: Path) -
     expected_shift = math.log(data.neg_sampling_rate) + calibration["intercept"]
     assert calibration["logit_shift"] == pytest.approx(expected_shift)
     assert summary["onnx_max_abs_diff"] < 1e-5
+    # What a worker would check before serving it: `ctr-farm models validate` passes.
+    check = validate(tmp_path / name / "7", load(env={}))
+    assert check.ok, check.error
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     ids = data.test.ids[:257]
