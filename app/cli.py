@@ -347,7 +347,8 @@ def models(args: argparse.Namespace) -> int:
     if args.action == "describe":
         print(catalog.describe(catalog.resolve(root, args.model), config, as_json=args.json))
         return 0
-    paths = [Path(p) for p in args.paths] or [root]
+    # A relative PATH: from here, else from the project root (as --root).
+    paths = [Path(p) if Path(p).exists() else REPO_ROOT / p for p in args.paths] or [root]
     dirs = [d for p in paths for d in catalog.version_dirs(p)]
     if not dirs:
         raise CommandError(f"no model versions under {', '.join(map(str, paths))}")
