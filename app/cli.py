@@ -34,6 +34,7 @@ from app.config import (
     ENV_FILE,
     ENV_PREFIX,
     REPO_ROOT,
+    STRUCT_FIELDS,
     Config,
     ConfigError,
     load,
@@ -181,6 +182,10 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
             group.add_argument(flag, metavar="STAGES", help=help_)
             continue
         default = getattr(defaults, name)
+        if name in STRUCT_FIELDS:  # a TOML table in the file, JSON here and in the env
+            help_ = f"{doc}, as JSON (default none; {env})"
+            group.add_argument(flag, metavar="JSON", help=help_)
+            continue
         shown = '""' if default == "" else default
         help_ = f"{doc} (default {shown}; {env})".lstrip()
         if isinstance(default, bool):

@@ -362,3 +362,13 @@ def test_score_prints_a_summary(
     assert code == 1 and "holds a run with other job.chunk_rows" in err
     code, _, err = run_main([*argv, "--model", "nope"], capsys)
     assert code == 1 and "unknown model; loaded: ['autoint', 'deepfm'] (model)" in err
+
+
+def test_struct_settings_take_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CTR_FARM_CONFIG", raising=False)
+    parser, _ = build_parser("serve")
+    canary = '{"autoint_model": "models/autoint/1", "steps": [0.1, 1.0]}'
+    config = config_from(parser.parse_args(["--canary", canary]))
+    assert config.canary is not None
+    assert config.canary.autoint_model == "models/autoint/1"
+    assert config.canary.steps == (0.1, 1.0)
