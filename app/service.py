@@ -75,6 +75,33 @@ T = TypeVar("T")
 ModelFactory = Callable[[str, Path, Config], LoadedModel]
 
 
+def validate_version(
+    name: str,
+    version_dir: Path,
+    config: Config,
+    factory: ModelFactory | None = None,
+    fields: tuple[str, ...] | None = None,
+) -> LoadedModel:
+    """Load one version and prove it works: hash, signature (in the factory), warm-up,
+    the golden request, and (``fields``) the same fields as the version it would replace.
+    What a worker checks before a version serves (``ctr-farm models validate`` too)."""
+    model = (factory or load_model)(name, version_dir, config)
+    if model.name != name:
+        raise ModelLoadError(f"model dir for {name!r} holds a card named {model.name!r}")
+    if version_dir.name.isdigit() and version_dir.name != model.version:
+        raise ModelLoadError(
+            f"{name}/{version_dir.name} holds a card for version {model.version!r}"
+        )
+    if fields is not None and model.card.field_names != fields:
+        raise ModelLoadError(
+            f"{model.key} takes fields {list(model.card.field_names)}; the farm serves"
+            f" {list(fields)}"
+        )
+    model.warm_up(config.warmup_runs)
+    registry.check_golden(model)
+    return model
+
+
 def load_model(name: str, model_dir: Path, config: Config) -> LoadedModel:
     return LoadedModel(
         model_dir,
@@ -275,23 +302,8 @@ class Farm:
         return out
 
     def _validated(self, name: str, version_dir: Path) -> LoadedModel:
-        """Load one version and prove it works: hash, signature (in the factory), warm-up,
-        the golden request, and the same fields as the version it would replace."""
-        model = self._factory(name, version_dir, self.config)
-        if model.name != name:
-            raise ModelLoadError(f"model dir for {name!r} holds a card named {model.name!r}")
-        if version_dir.name.isdigit() and version_dir.name != model.version:
-            raise ModelLoadError(
-                f"{name}/{version_dir.name} holds a card for version {model.version!r}"
-            )
-        if self.features is not None and model.card.field_names != self.features.names:
-            raise ModelLoadError(
-                f"{model.key} takes fields {list(model.card.field_names)}; the farm serves"
-                f" {list(self.features.names)}"
-            )
-        model.warm_up(self.config.warmup_runs)
-        registry.check_golden(model)
-        return model
+        fields = self.features.names if self.features is not None else None
+        return validate_version(name, version_dir, self.config, self._factory, fields)
 
     def _build(self, variant: str, models: dict[str, LoadedModel]) -> Lineup:
         """A lineup over ``models``; a version keeps its breaker and cost estimate across
@@ -518,9 +530,7 @@ class Farm:
         if len(ids):
             bpc = self._bytes_per_candidate
             bpc[kind] += 0.1 * (len(request.candidates) / len(ids) - bpc[kind])
-        top_k = request.top_k
-        if top_k is None:  # the default never contradicts an explicit, smaller stage1_k
-            top_k = min(self.config.default_top_k, request.stage1_k or self.config.default_top_k)
+        top_k = self._top_k(request.top_k, request.stage1_k)
         pipeline = lineup.pipeline
         result = pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage, deadline)
         result = replace(result, variant=lineup.variant)
@@ -538,6 +548,25 @@ class Farm:
             )
         return result
 
+    def _top_k(self, top_k: int | None, stage1_k: int | None) -> int:
+        if top_k is None:  # the default never contradicts an explicit, smaller stage1_k
+            top_k = min(self.config.default_top_k, stage1_k or self.config.default_top_k)
+        return top_k
+
+    def rank_ids(
+        self,
+        ids: np.ndarray,
+        top_k: int | None = None,
+        stage1_k: int | None = None,
+        multi_stage: bool = True,
+        variant: str = "",
+    ) -> RankResult:
+        """Rank a decoded, OOV-mapped id matrix with the variant's cascade: what ``/rank``
+        runs after decoding, without a deadline or shadow comparison (offline scoring)."""
+        _, lineup = self._require(variant)
+        result = lineup.pipeline.rank(ids, self._top_k(top_k, stage1_k), stage1_k, multi_stage)
+        return replace(result, variant=lineup.variant)
+
     def _compare(self, lineup: Lineup, rank: Callable[..., RankResult], result: RankResult) -> None:
         """Hand a served ranking to the comparator: against the shadow lineup (a sampled
         share of all), and a canary's against stable (a sampled share of the canary's)."""
@@ -554,10 +583,7 @@ class Farm:
         self, request: PredictRequest, kind: ContentKind, variant: str = ""
     ) -> tuple[np.ndarray, Scorer]:
         features, lineup = self._require(variant)
-        name = self.config.predict_model if request.model is None else request.model
-        model = lineup.models.get(name)
-        if model is None:
-            raise InvalidRequest(f"unknown model; loaded: {sorted(lineup.models)}", field="model")
+        model = self._model(lineup, request.model)
         if bool(request.candidate) == bool(request.candidates):
             raise InvalidRequest("send exactly one of 'candidate' or 'candidates'", field=None)
         if request.candidate:
@@ -570,21 +596,23 @@ class Farm:
                     " use /rank for more",
                     field="candidates",
                 )
-        breaker = lineup.breakers[model.key]
-        if not breaker.allow():
-            raise ModelUnavailable(
-                f"model {model.key} is failing; its circuit breaker is open",
-                field="model",
-                retry_after_s=max(1, round(breaker.retry_after_s())),
-            )
-        try:
-            scores = model.run(ids)
-        except ModelError as exc:
-            _count_failure(model.key, failure_kind(exc))
-            breaker.failure()
-            raise
-        breaker.success()
-        return scores, model
+        return _score(lineup, model, ids), model
+
+    def _model(self, lineup: Lineup, name: str | None) -> LoadedModel:
+        model = lineup.models.get(self.config.predict_model if name is None else name)
+        if model is None:
+            raise InvalidRequest(f"unknown model; loaded: {sorted(lineup.models)}", field="model")
+        return model
+
+    def model(self, name: str | None = None, variant: str = "") -> LoadedModel:
+        """A served model by name (None: ``predict_model``); unknown: 400 naming ``model``."""
+        return self._model(self._require(variant)[1], name)
+
+    def score(self, ids: np.ndarray, name: str | None = None, variant: str = "") -> np.ndarray:
+        """One model's run (None: ``predict_model``) on a decoded, OOV-mapped id matrix,
+        behind its breaker: what ``/predict`` runs after decoding (offline scoring)."""
+        _, lineup = self._require(variant)
+        return _score(lineup, self._model(lineup, name), ids)
 
     def breaker_states(self) -> dict[str, BreakerState]:
         return {
@@ -629,6 +657,25 @@ def _rejected_list(rejected: Mapping[str, str]) -> list[RejectedVersion]:
         public = _ABS_PATH.sub(_short_path, reason)
         out.append(RejectedVersion(name=name, version=version, reason=public))
     return out
+
+
+def _score(lineup: Lineup, model: LoadedModel, ids: np.ndarray) -> np.ndarray:
+    """``model`` scores ``ids``, guarded by its breaker in ``lineup``, failures counted."""
+    breaker = lineup.breakers[model.key]
+    if not breaker.allow():
+        raise ModelUnavailable(
+            f"model {model.key} is failing; its circuit breaker is open",
+            field="model",
+            retry_after_s=max(1, round(breaker.retry_after_s())),
+        )
+    try:
+        scores = model.run(ids)
+    except ModelError as exc:
+        _count_failure(model.key, failure_kind(exc))
+        breaker.failure()
+        raise
+    breaker.success()
+    return scores
 
 
 def _log_breaker(name: str, state: str) -> None:
