@@ -10,6 +10,8 @@ Runtime loading it with the card's signature, warm-up, and the golden request
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,32 @@ def validate(version_dir: Path, config: Config) -> Validation:
     except FarmError as exc:
         result.error = exc.message
     return result
+
+
+def publish(source: Path, root: Path, config: Config) -> Path:
+    """``ctr-farm models publish``: :func:`registry.publish` with a worker's checks, and
+    the fields of the newest version already there (a reload would refuse others)."""
+    from app.service import validate_version
+
+    card = read_card(source)
+    repo = root / card.name
+    current = registry.versions(repo)
+    fields = read_card(current[-1]).field_names if current else None
+    config = msgspec.structs.replace(config, pool_size=1, verify_sha256=True)
+    return registry.publish(
+        source, repo, lambda path: validate_version(card.name, path, config, fields=fields)
+    )
+
+
+def reload_farm(config: Config) -> int:
+    """SIGHUP the running farm's gunicorn master (it forwards it to every worker)."""
+    pidfile = config.run_path / "gunicorn.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"no running farm to reload ({pidfile}): {exc}") from exc
+    return pid
 
 
 # -- presentation (``ctr-farm models``) ----------------------------------------------------

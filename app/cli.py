@@ -2,7 +2,7 @@
 
     ctr-farm serve      start nginx + gunicorn (honcho) on the configured models
     ctr-farm score      score a parquet file offline with the serving code (resumable)
-    ctr-farm models     list, validate and describe the models in the repository
+    ctr-farm models     list, validate, describe and publish the models in the repository
     ctr-farm bench      the ranking latency study (single vs multi-stage)
     ctr-farm sweep      the throughput sweep over farm configurations (wrk)
     ctr-farm make-logs  generate synthetic impression logs
@@ -102,7 +102,7 @@ COMMANDS: dict[str, Command] = {
         "score",
     ),
     "models": Command(
-        "list, validate and describe the models in the repository",
+        "list, validate, describe and publish the models in the repository",
         __name__,
         "models_arguments",
         "models",
@@ -339,6 +339,18 @@ def models_arguments(parser: argparse.ArgumentParser) -> None:
     p = action("describe", "one model's card in full: fields, metrics, training, files")
     p.add_argument("model", metavar="NAME[/VERSION]", help="a model (newest version) or a path")
     p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p = action(
+        "publish",
+        "copy a new version (a dir with model.onnx + card.json) into --root/<name>/<version>"
+        " atomically, after the checks of validate (and the same fields as the newest"
+        " version); records its golden request if it has none",
+    )
+    p.add_argument("source", type=Path, metavar="DIR", help="the version to publish")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="then SIGHUP the running farm (run_dir's gunicorn.pid): every worker reloads",
+    )
 
 
 def models(args: argparse.Namespace) -> int:
@@ -351,6 +363,15 @@ def models(args: argparse.Namespace) -> int:
         return 0
     if args.action == "describe":
         print(catalog.describe(catalog.resolve(root, args.model), config, as_json=args.json))
+        return 0
+    if args.action == "publish":
+        target = catalog.publish(args.source, root, config)
+        print(f"published {catalog.key_of(target)} at {target}")
+        if args.reload:
+            pid = catalog.reload_farm(config)
+            print(f"asked the farm (gunicorn {pid}) to reload: see GET /models")
+        else:
+            print("the farm serves it after a reload: kill -HUP $(cat run/gunicorn.pid)")
         return 0
     # A relative PATH: from here, else from the project root (as --root).
     paths = [Path(p) if Path(p).exists() else REPO_ROOT / p for p in args.paths] or [root]

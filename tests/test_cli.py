@@ -253,6 +253,36 @@ def test_models_validate_a_corrupt_copy_fails(tmp_path: Path, capsys: pytest.Cap
     assert code == 1 and out.splitlines()[-1] == "0 of 1 models valid"
 
 
+def new_version_of(src: Path, out: Path, version: str) -> Path:
+    """A copy of a version under another card version (what a training run hands over)."""
+    shutil.copytree(src, out)
+    (out / "golden.json").unlink(missing_ok=True)
+    card = json.loads((out / "card.json").read_text())
+    (out / "card.json").write_text(json.dumps({**card, "version": version}))
+    return out
+
+
+def test_models_publish_is_atomic_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = tmp_path / "models"
+    shutil.copytree(REPO_ROOT / "models" / "deepfm", root / "deepfm")
+    good = new_version_of(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "2", "2")
+    code, out, _ = run_main(["models", "publish", str(good), "--root", str(root)], capsys)
+    assert code == 0, out
+    assert f"published deepfm/2 at {root / 'deepfm' / '2'}" in out
+    assert "kill -HUP" in out  # how to make the farm serve it
+    assert (root / "deepfm" / "2" / "golden.json").is_file()  # recorded at publish
+    code, out, _ = run_main(["models", "validate", str(root / "deepfm" / "2")], capsys)
+    assert code == 0 and out.splitlines()[-1] == "1 of 1 models valid"
+    # Versions are immutable; a broken one never appears, not even half-copied.
+    code, _, err = run_main(["models", "publish", str(good), "--root", str(root)], capsys)
+    assert code == 1 and "deepfm/2 already exists" in err
+    bad = new_version_of(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "3", "3")
+    (bad / MODEL_FILE).write_bytes(b"not onnx")
+    code, _, err = run_main(["models", "publish", str(bad), "--root", str(root)], capsys)
+    assert code == 1 and "does not match card" in err
+    assert sorted(p.name for p in (root / "deepfm").iterdir()) == ["1", "2"]
+
+
 def test_models_describe(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CTR_FARM_CONFIG", raising=False)
     code, out, _ = run_main(["models", "describe", "deepfm"], capsys)
