@@ -90,6 +90,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: AutoInt run on 100 rows took 18% longer, and each run adds ~58 KB of events that
     #: ORT holds in memory until then.
     ort_profiling: bool = False
+    #: Rows of first-stage scores cached per worker, keyed by (candidate ids, model version)
+    #: (app/cache.py; rounded up to a multiple of 8, ~100 bytes per row); 0 = no cache.
+    #: Off by default: it costs ~6% when candidates never repeat and saves 10% (half of
+    #: them repeat) to 30% (90%): docs/BENCHMARKS.md, "Result cache".
+    cache_entries: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: A cached score is used for at most this long after it was computed.
+    cache_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
     # -- request limits (documented in README "Limits") -------------------------------
     max_candidates: Positive = 5000

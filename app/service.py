@@ -19,6 +19,7 @@ import numpy as np
 from app import metrics
 from app.admission import Admission
 from app.breaker import Breaker
+from app.cache import CachedScorer, ScoreCache
 from app.config import Config
 from app.deadlines import Deadline
 from app.errors import (
@@ -60,6 +61,8 @@ class Farm:
         self.features: FeatureSpace | None = None
         self.pipeline: Pipeline | None = None
         self.breakers: dict[str, Breaker] = {}
+        #: The first stage's score cache, by model key (``cache_entries`` > 0; app/cache.py).
+        self.caches: dict[str, ScoreCache] = {}
         #: Inference threads and their queue (``load()``; none when ``inline``).
         self.admission: Admission | None = None
         #: Bytes of request body per candidate, by wire format: estimates a request's
@@ -83,6 +86,7 @@ class Farm:
         first = next(iter(self.models.values()))
         self.features = FeatureSpace(first.card.fields, self.config.max_candidates)
         stages = [Stage(self.models[s.model], s.keep_k) for s in self.config.stages]
+        stages[0] = self._cached(stages[0], width=len(first.card.fields))
         self.breakers = {
             m.key: Breaker(
                 m.key,
@@ -132,6 +136,21 @@ class Farm:
             self.admission = None
         for model in self.models.values():
             model.close()
+
+    def _cached(self, stage: Stage, width: int) -> Stage:
+        """The first stage behind a score cache, when ``cache_entries`` asks for one."""
+        if not self.config.cache_entries:
+            return stage
+        key = stage.scorer.key
+        cache = ScoreCache(key, self.config.cache_entries, self.config.cache_ttl_s, width)
+        self.caches[key] = cache
+        return Stage(CachedScorer(stage.scorer, cache), stage.keep_k)
+
+    def clear_cache(self) -> int:
+        """Drop every cached score; returns how many rows were dropped. A model reload
+        must call this once the new sessions serve (entries are per model version, but a
+        version's weights could change in place)."""
+        return sum(cache.clear() for cache in self.caches.values())
 
     def _fallback(self, model: LoadedModel) -> Scorer | None:
         if self.config.fallback == "none":

@@ -188,6 +188,9 @@ def test_bool_env_typo_is_an_error_naming_the_setting(raw: str) -> None:
         ({}, {"CTR_FARM_STAGES": ","}, "stages"),
         ({"stages": []}, {}, "stages"),
         ({"predict_model": "bogus"}, {}, "predict_model"),
+        ({"cache_entries": -1}, {}, "cache_entries"),
+        ({}, {"CTR_FARM_CACHE_ENTRIES": "lots"}, "cache_entries"),
+        ({"cache_ttl_s": 0}, {}, "cache_ttl_s"),
         ({"no_such_setting": 1}, {}, "no_such_setting"),
     ],
 )

@@ -18,6 +18,7 @@ SERVING = [
     "app.features",
     "app.sessions",
     "app.pipeline",
+    "app.cache",
     "app.service",
     "app.api",
     "app.proxy",
