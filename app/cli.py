@@ -52,6 +52,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def procfile_entries(config: Config) -> list[str]:
+    """The Procfile entries ``serve`` starts: ``prometheus`` only when asked for
+    (``--prometheus``); honcho would otherwise start every entry."""
+    return ["web", "proxy", *(["prometheus"] if config.prometheus else [])]
+
+
 def serve(args: argparse.Namespace) -> None:
     config = load(overrides=_overrides(args))
     env = {**os.environ, **to_env(config)}
@@ -59,7 +65,8 @@ def serve(args: argparse.Namespace) -> None:
     if honcho is None:
         raise ConfigError("honcho is not installed (run scripts/install)")
     os.chdir(REPO_ROOT)
-    os.execve(honcho, [honcho, "start", "-f", "Procfile", "-d", str(REPO_ROOT)], env)
+    argv = [honcho, "start", "-f", "Procfile", "-d", str(REPO_ROOT), *procfile_entries(config)]
+    os.execve(honcho, argv, env)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

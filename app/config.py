@@ -171,6 +171,19 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: nginx binary (found on PATH or /usr/sbin).
     nginx_bin: str = "nginx"
 
+    # -- monitoring (optional; README "Monitoring") -------------------------------------
+    #: Also run a Prometheus server (the Procfile's ``prometheus`` entry) that scrapes the
+    #: farm's ``/metrics`` through nginx. Needs the Debian package (scripts/install
+    #: --monitoring).
+    prometheus: bool = False
+    #: Where that Prometheus listens, on 127.0.0.1 only (9090, Prometheus' usual port, is
+    #: the one Debian's own prometheus.service takes).
+    prometheus_port: Port = 9190
+    prometheus_scrape_interval_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 5
+    #: Samples older than this are deleted (its data lives in ``<run_dir>/prometheus``).
+    prometheus_retention_h: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)] = 6
+    prometheus_bin: str = "prometheus"
+
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("stages: at least one stage is required")
@@ -231,6 +244,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @property
     def shared_socket(self) -> Path:
         return self.run_path / "gunicorn.sock"
+
+    @property
+    def prometheus_path(self) -> Path:
+        """The Prometheus server's data directory (its TSDB)."""
+        return self.run_path / "prometheus"
 
 
 def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:

@@ -22,6 +22,7 @@ SERVING = [
     "app.service",
     "app.api",
     "app.proxy",
+    "app.monitoring",
     "app.stack",
     "app.logconf",
     "app.asgi",
