@@ -13,7 +13,7 @@ import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +62,20 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
     return overrides
 
 
-def start_stack(request: pytest.FixtureRequest, prefix: str = "farm-") -> Iterator[Stack]:
-    """A real stack on a free loopback port over a snapshot of the real models.
+def start_stack(
+    request: pytest.FixtureRequest, prefix: str = "farm-", settings: Mapping[str, Any] | None = None
+) -> Iterator[Stack]:
+    """A real stack on a free loopback port over a snapshot of the real models, with
+    ``settings`` (Config overrides) on top of 2 workers.
 
     The run dir (sockets, logs, access.log) is removed afterwards unless a test failed.
     """
     run_dir = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths < 107 bytes
     overrides = snapshot_models(run_dir / "models")
     failed_before = request.session.testsfailed
-    with running(run_dir, {"workers": 2, **overrides}, timeout_s=180.0) as stack:
+    with running(
+        run_dir, {"workers": 2, **overrides, **(settings or {})}, timeout_s=180.0
+    ) as stack:
         yield stack
     if request.session.testsfailed == failed_before:
         shutil.rmtree(run_dir, ignore_errors=True)
