@@ -17,11 +17,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.sessions import read_card
 from app.stack import Stack
-from tests.integration.conftest import TIMEOUT, Candidates, Reference, start_stack
+from tests.integration.conftest import (
+    TIMEOUT,
+    Candidates,
+    Reference,
+    metric_sum,
+    start_stack,
+)
 from tests.integration.test_rank import assert_matches_reference, rank
 
 pytestmark = pytest.mark.integration
@@ -61,16 +66,11 @@ def expected(reference: Reference, candidates: Candidates, ids: np.ndarray):
 
 def cache_counters(client: httpx.Client) -> dict[str, float]:
     """ctr_farm_cache_* summed over the workers, from the farm's /metrics."""
-    resp = client.get("/metrics")
-    assert resp.status_code == 200
-    out = {"hits": 0.0, "misses": 0.0, "entries": 0.0}
-    names = {f"ctr_farm_cache_{k}_total": k for k in ("hits", "misses")}
-    names["ctr_farm_cache_entries"] = "entries"
-    for family in text_string_to_metric_families(resp.text):
-        for sample in family.samples:
-            if sample.name in names:
-                out[names[sample.name]] += sample.value
-    return out
+    return {
+        "hits": metric_sum(client, "ctr_farm_cache_hits_total"),
+        "misses": metric_sum(client, "ctr_farm_cache_misses_total"),
+        "entries": metric_sum(client, "ctr_farm_cache_entries"),
+    }
 
 
 def test_repeated_rankings_hit_the_cache_and_keep_the_exact_scores(

@@ -16,11 +16,10 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.monitoring import prepare, scrape_target
 from app.stack import Stack, free_port
-from tests.integration.conftest import TIMEOUT, Candidates, post
+from tests.integration.conftest import TIMEOUT, Candidates, metric_sum, post
 
 pytestmark = pytest.mark.integration
 
@@ -98,14 +97,7 @@ def scalar(prom: httpx.Client, expr: str) -> float | None:
 
 def farm_rank_requests(client: httpx.Client) -> float:
     """``/rank`` requests the farm itself reports (its /metrics, summed over workers)."""
-    resp = client.get("/metrics")
-    assert resp.status_code == 200
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(resp.text)
-        for sample in family.samples
-        if sample.name == "ctr_farm_requests_total" and sample.labels["endpoint"] == "/rank"
-    )
+    return metric_sum(client, "ctr_farm_requests_total", endpoint="/rank")
 
 
 def send_rank(client: httpx.Client, candidates: Candidates, seed: int) -> None:
