@@ -23,7 +23,7 @@ import inspect
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -194,19 +194,25 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
             group.add_argument(flag, help=help_, **_flag_type(fields[name].type))
 
 
-def config_from(args: argparse.Namespace) -> Config:
+def config_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
     """The Config: defaults < file < env < the flags given on the command line."""
     overrides: dict[str, object] = {}
     for field in msgspec.structs.fields(Config):
         value = getattr(args, field.name, None)
         if value is not None:
             overrides[field.name] = parse_stages(value) if field.name == "stages" else value
-    return load(overrides=overrides)
+    return load(overrides=overrides, env=env)
 
 
 # -- serve --------------------------------------------------------------------------------------
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
+
+
+def procfile_entries(config: Config) -> list[str]:
+    """The Procfile entries ``serve`` starts: ``prometheus`` only when asked for
+    (``--prometheus``); honcho would otherwise start every entry."""
+    return ["web", "proxy", *(["prometheus"] if config.prometheus else [])]
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -217,7 +223,8 @@ def serve(args: argparse.Namespace) -> None:
     if honcho is None:
         raise ConfigError("honcho is not installed (run scripts/install)")
     os.chdir(REPO_ROOT)
-    os.execve(honcho, [honcho, "start", "-f", "Procfile", "-d", str(REPO_ROOT)], env)
+    argv = [honcho, "start", "-f", "Procfile", "-d", str(REPO_ROOT), *procfile_entries(config)]
+    os.execve(honcho, argv, env)
 
 
 # -- score --------------------------------------------------------------------------------------

@@ -154,6 +154,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: AutoInt run on 100 rows took 18% longer, and each run adds ~58 KB of events that
     #: ORT holds in memory until then.
     ort_profiling: bool = False
+    #: Rows of first-stage scores cached per worker, keyed by (candidate ids, model version)
+    #: (app/cache.py; rounded up to a multiple of 8, ~100 bytes per row); 0 = no cache.
+    #: Off by default: it costs ~6% when candidates never repeat and saves 10% (half of
+    #: them repeat) to 30% (90%): docs/BENCHMARKS.md, "Result cache".
+    cache_entries: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: A cached score is used for at most this long after it was computed.
+    cache_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
     # -- request limits (documented in README "Limits") -------------------------------
     max_candidates: Positive = 5000
@@ -242,6 +249,19 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: nginx binary (found on PATH or /usr/sbin).
     nginx_bin: str = "nginx"
 
+    # -- monitoring (optional; README "Monitoring") -------------------------------------
+    #: Also run a Prometheus server (the Procfile's ``prometheus`` entry) that scrapes the
+    #: farm's ``/metrics`` through nginx. Needs the Debian package (scripts/install
+    #: --monitoring).
+    prometheus: bool = False
+    #: Where that Prometheus listens, on 127.0.0.1 only (9090, Prometheus' usual port, is
+    #: the one Debian's own prometheus.service takes).
+    prometheus_port: Port = 9190
+    prometheus_scrape_interval_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 5
+    #: Samples older than this are deleted (its data lives in ``<run_dir>/prometheus``).
+    prometheus_retention_h: Annotated[int, msgspec.Meta(ge=1, le=24 * 366)] = 6
+    prometheus_bin: str = "prometheus"
+
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("stages: at least one stage is required")
@@ -321,6 +341,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @property
     def shared_socket(self) -> Path:
         return self.run_path / "gunicorn.sock"
+
+    @property
+    def prometheus_path(self) -> Path:
+        """The Prometheus server's data directory (its TSDB)."""
+        return self.run_path / "prometheus"
 
 
 #: Modules each tracing mode needs (the ``tracing`` extra of pyproject.toml).

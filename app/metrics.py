@@ -73,6 +73,18 @@ BREAKER = Gauge(
     multiprocess_mode="livemax",
 )
 MODEL_FAILURES = Counter("ctr_farm_model_failures", "Model runs that failed", ["model", "kind"])
+# The first stage's score cache (app/cache.py; only with cache_entries > 0). Hit rate:
+# hits / (hits + misses), e.g. the recording rule in deploy/prometheus.rules.yml.
+CACHE_HITS = Counter("ctr_farm_cache_hits", "Candidate rows scored from the cache", ["model"])
+CACHE_MISSES = Counter(
+    "ctr_farm_cache_misses", "Candidate rows looked up and not cached", ["model"]
+)
+CACHE_EVICTIONS = Counter(
+    "ctr_farm_cache_evictions", "Cached rows dropped: size, ttl or clear", ["model", "reason"]
+)
+CACHE_ENTRIES = Gauge(
+    "ctr_farm_cache_entries", "Rows in the score caches now", ["model"], multiprocess_mode="livesum"
+)
 
 # -- traffic: A/B variants, canary, shadow (app/traffic.py) -------------------------------
 _SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)

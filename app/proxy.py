@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from app.config import REPO_ROOT, Config, ConfigError, load
@@ -67,6 +68,18 @@ def rate_limit_directives(config: Config) -> tuple[str, str]:
     return zone, limit
 
 
+def fill_template(template: Path, values: dict[str, str]) -> str:
+    """``template``'s text with every ``{{name}}`` replaced by ``values[name]``."""
+
+    def fill(match: re.Match[str]) -> str:
+        try:
+            return values[match.group(1)]
+        except KeyError:
+            raise ConfigError(f"{template}: unknown placeholder {match.group(0)}") from None
+
+    return _PLACEHOLDER.sub(fill, template.read_text())
+
+
 def render(config: Config, template: Path = TEMPLATE) -> str:
     user = getpass.getuser()
     rate_zone, rate_limit = rate_limit_directives(config)
@@ -92,14 +105,7 @@ def render(config: Config, template: Path = TEMPLATE) -> str:
         "client_body_timeout_s": str(config.client_body_timeout_s),
         "send_timeout_s": str(config.send_timeout_s),
     }
-
-    def fill(match: re.Match[str]) -> str:
-        try:
-            return values[match.group(1)]
-        except KeyError:
-            raise ConfigError(f"{template}: unknown placeholder {match.group(0)}") from None
-
-    return _PLACEHOLDER.sub(fill, template.read_text())
+    return fill_template(template, values)
 
 
 def nginx_binary(config: Config) -> str:
@@ -134,27 +140,32 @@ def main() -> None:
     sys.exit(supervise(argv))
 
 
-def _quit_with_parent() -> None:
-    """In the child before exec: if this supervisor dies (even by SIGKILL), nginx gets
-    SIGQUIT instead of living on as an orphan holding the port (Linux prctl)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)
+def _stop_with_parent(signum: int) -> Callable[[], None]:
+    """For the child before exec: if this supervisor dies (even by SIGKILL), the child
+    gets ``signum`` instead of living on as an orphan holding its port (Linux prctl)."""
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum)
+
+    return arm
 
 
 #: linux/prctl.h
 PR_SET_PDEATHSIG = 1
 
 
-def supervise(argv: list[str]) -> int:
+def supervise(argv: list[str], stop: int = signal.SIGQUIT) -> int:
     """Run nginx; turn SIGTERM/SIGINT (honcho, Ctrl-C) into SIGQUIT, nginx's graceful
-    shutdown, so requests in flight finish instead of being cut.
+    shutdown, so requests in flight finish instead of being cut. (Another server passes
+    its own graceful ``stop`` signal: app.monitoring runs Prometheus with SIGTERM.)
 
     nginx gets its own session: honcho (and a terminal's Ctrl-C) signal the whole
     process group, and a SIGTERM reaching nginx directly is its fast shutdown."""
-    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_quit_with_parent)
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_stop_with_parent(stop))
 
     def graceful(signum: int, frame: object) -> None:
-        proc.send_signal(signal.SIGQUIT)
+        proc.send_signal(stop)
 
     signal.signal(signal.SIGTERM, graceful)
     signal.signal(signal.SIGINT, graceful)

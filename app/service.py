@@ -27,6 +27,7 @@ import numpy as np
 from app import metrics, registry, tracing
 from app.admission import Admission
 from app.breaker import Breaker
+from app.cache import CachedScorer, ScoreCache
 from app.config import Config
 from app.deadlines import Deadline
 from app.errors import (
@@ -160,6 +161,8 @@ class Farm:
         )
         self.comparator: Comparator | None = None
         self.canary: CanaryController | None = None
+        #: The first stage's score cache, by model key (``cache_entries`` > 0; app/cache.py).
+        self.caches: dict[str, ScoreCache] = {}
         #: Inference threads and their queue (``load()``; none when ``inline``).
         self.admission: Admission | None = None
         #: Bytes of request body per candidate, by wire format: estimates a request's
@@ -319,8 +322,10 @@ class Farm:
                 metrics.set_breaker(model.key, "closed")
         breakers = {m.key: self._breakers[m.key] for m in models.values()}
         first = next(iter(models.values()))
+        stages = [Stage(models[s.model], s.keep_k) for s in self.config.stages]
+        stages[0] = self._cached(stages[0], width=len(first.card.fields))
         pipeline = Pipeline(
-            [Stage(models[s.model], s.keep_k) for s in self.config.stages],
+            stages,
             models[self.config.predict_model],
             self.config.max_candidates,
             breakers=breakers,
@@ -370,6 +375,8 @@ class Farm:
                 used |= set(self._shadow.breakers) if self._shadow else set()
                 self._breakers = {k: b for k, b in self._breakers.items() if k in used}
                 self._costs = {k: c for k, c in self._costs.items() if k in used}
+                self.clear_cache()  # invalidated on every reload that changes a version
+                self.caches = {k: c for k, c in self.caches.items() if k in used}
             self.rejected = rejected
             status = ReloadStatus(
                 at=time.time(),
@@ -426,6 +433,23 @@ class Farm:
             shadow=[m.key for m in self._shadow.models.values()] if self._shadow else None,
             canary=canary,
         )
+
+    def _cached(self, stage: Stage, width: int) -> Stage:
+        """The first stage behind a score cache, when ``cache_entries`` asks for one."""
+        if not self.config.cache_entries:
+            return stage
+        key = stage.scorer.key
+        cache = self.caches.get(key)  # one per version, shared by the lineups using it
+        if cache is None:
+            cache = ScoreCache(key, self.config.cache_entries, self.config.cache_ttl_s, width)
+            self.caches[key] = cache
+        return Stage(CachedScorer(stage.scorer, cache), stage.keep_k)
+
+    def clear_cache(self) -> int:
+        """Drop every cached score; returns how many rows were dropped. A model reload
+        must call this once the new sessions serve (entries are per model version, but a
+        version's weights could change in place)."""
+        return sum(cache.clear() for cache in self.caches.values())
 
     def _fallback(self, model: LoadedModel) -> Scorer | None:
         if self.config.fallback == "none":

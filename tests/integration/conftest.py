@@ -13,7 +13,7 @@ import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import registry
 from app.config import Config, load
@@ -70,7 +71,7 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
 def start_stack(
     request: pytest.FixtureRequest,
     prefix: str = "farm-",
-    settings: dict[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
+    settings: Mapping[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
 ) -> Iterator[Stack]:
     """A real stack on a free loopback port over a snapshot of the real models.
 
@@ -256,6 +257,20 @@ class Reference:
 def reference(config: Config, cards: dict[str, ModelCard]) -> Reference:
     assert len(config.stages) == 2, "the reference implements the two-stage cascade"
     return Reference(config, cards)
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def metric_sum(client: httpx.Client, name: str, **labels: str) -> float:
+    """The farm's own ``/metrics`` (every worker merged): the sum of the samples called
+    ``name`` whose labels include ``labels`` (0.0 when there are none)."""
+    resp = client.get("/metrics")
+    assert resp.status_code == 200, resp.text[:300]
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(resp.text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 # -- logs ------------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ pytestmark = pytest.mark.integration
 
 
 #: A canary and a shadow of the same versions (they share the lineup's sessions), so the
-#: traffic metrics have samples too: per-variant guardrails, agreement, canary state.
+#: traffic metrics have samples too: per-variant guardrails, agreement, canary state;
+#: with the result cache on, its metrics too.
 TRAFFIC = {
     "canary": {"steps": [0.5, 1.0], "step_s": 600, "compare_share": 1.0},
     "shadow": {"share": 1.0},
+    "cache_entries": 1000,  # and the result cache's
 }
 
 
