@@ -8,22 +8,28 @@ any worker merges all of them. Without that variable (unit tests, one process) t
 same metrics live in this process's default registry.
 
 Recording is on the hot path, so label children are bound once per label set.
+
+Reading back: :func:`collect` returns the merged metric families (what ``/metrics``
+renders); :class:`Samples` indexes them for ``/stats`` (totals, histogram quantiles),
+so any worker answers for the whole farm.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from functools import cache
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
-    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from app.config import prometheus_multiproc_dir
 
@@ -72,6 +78,57 @@ BREAKER = Gauge(
     multiprocess_mode="livemax",
 )
 MODEL_FAILURES = Counter("ctr_farm_model_failures", "Model runs that failed", ["model", "kind"])
+OOV_IDS = Counter(
+    "ctr_farm_oov_ids", "Ids mapped to their field's out-of-vocabulary bucket", ["field"]
+)
+SESSION_WAIT = Histogram(
+    "ctr_farm_session_wait_seconds",
+    "Time a model run waited for a free session of its pool (only runs that had to wait)",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "ctr_farm_queue_wait_seconds",
+    "Time a request waited in its worker's admission queue for an inference thread",
+    buckets=_LATENCY_BUCKETS,
+)
+SLA_REQUESTS = Counter(
+    "ctr_farm_sla_requests",
+    "Requests of an endpoint with a latency objective, by outcome: within / over (2xx"
+    " answered within / beyond it), failed (5xx), invalid (4xx)",
+    ["endpoint", "outcome"],
+)
+WINDOW_REQUESTS = Gauge(
+    "ctr_farm_window_requests",
+    "Requests by endpoint and SLA outcome over the last stats_window_s seconds",
+    ["endpoint", "outcome"],
+    multiprocess_mode="livesum",
+)
+REQUEST_LOG_ROWS = Counter(
+    "ctr_farm_request_log_rows",
+    "Request log rows: written, dropped (queue full) or failed (SQLite error)",
+    ["result"],
+)
+DRIFT_ROWS = Gauge(
+    "ctr_farm_drift_window_rows",
+    "Sampled candidate rows scored by a model over the last drift_window_s seconds, by"
+    " feature (a field, or ctr: the predicted CTR) and bin (a card top id, other, oov; or"
+    " the CTR bin's lower edge)",
+    ["model", "feature", "bin"],
+    multiprocess_mode="livesum",
+)
+DRIFT_CTR_SUM = Gauge(
+    "ctr_farm_drift_window_ctr_sum",
+    "Sum of the sampled predicted CTRs over the last drift_window_s seconds",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+WORKERS = Gauge("ctr_farm_workers", "Worker processes serving", multiprocess_mode="livesum")
+STARTED = Gauge(
+    "ctr_farm_start_time_seconds",
+    "Unix time the oldest live worker became ready",
+    multiprocess_mode="livemin",
+)
 
 BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -91,14 +148,102 @@ def stage_child(stage: str, model: str):
     return STAGE_LATENCY.labels(stage, model)
 
 
-def render() -> bytes:
-    """The exposition text: every worker's samples merged, or this process's."""
+@cache
+def oov_child(field: str):
+    return OOV_IDS.labels(field)
+
+
+@cache
+def session_wait_child(model: str):
+    return SESSION_WAIT.labels(model)
+
+
+def collect() -> list[Metric]:
+    """Every worker's metric families merged (multiprocess mode), or this process's."""
     path = prometheus_multiproc_dir()
     if not path:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
-    return generate_latest(registry)
+        return list(REGISTRY.collect())
+    return list(multiprocess.MultiProcessCollector(None, path=path).collect())
+
+
+class _Families:
+    """A collector over already collected families (``generate_latest`` wants one)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def render(families: Iterable[Metric] | None = None) -> bytes:
+    """The exposition text of ``families`` (default: :func:`collect`)."""
+    return generate_latest(_Families(collect() if families is None else families))
+
+
+def gauge_family(
+    name: str, doc: str, labels: Sequence[str], values: Iterable[tuple[Sequence[str], float]]
+) -> GaugeMetricFamily:
+    """A gauge computed at read time (not recorded by any worker), e.g. drift PSI."""
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    for label_values, value in values:
+        family.add_metric(list(label_values), value)
+    return family
+
+
+class Samples:
+    """The samples of collected families, indexed by sample name, for reading back."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in families:
+            for sample in family.samples:
+                self.by_name.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+    def select(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """``(labels, value)`` of the samples of ``name`` that carry ``labels``."""
+        return [
+            (have, value)
+            for have, value in self.by_name.get(name, ())
+            if all(have.get(k) == v for k, v in labels.items())
+        ]
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(value for _, value in self.select(name, **labels))
+
+    def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
+        """``name``'s samples summed by the value of one label."""
+        out: dict[str, float] = {}
+        for have, value in self.select(name, **labels):
+            out[have.get(label, "")] = out.get(have.get(label, ""), 0.0) + value
+        return out
+
+    def buckets(self, name: str, **labels: str) -> list[tuple[float, float]]:
+        """A histogram's cumulative ``(upper bound, count)`` pairs, summed over the label
+        sets that carry ``labels``."""
+        merged = self.by_label(f"{name}_bucket", "le", **labels)
+        return sorted((float(le), count) for le, count in merged.items())
+
+
+def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """Estimate the ``q`` quantile from cumulative buckets, as PromQL's
+    ``histogram_quantile`` does: linear within the bucket that holds it (from 0 for the
+    first); in the +Inf bucket, the highest finite bound. None without observations."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
 
 
 def set_breaker(model: str, state: str) -> None:

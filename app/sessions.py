@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 
+from app import metrics
 from app.errors import ModelError, ModelLoadError, StageTimeout
 from app.schema import ModelCard
 
@@ -309,7 +311,12 @@ class LoadedModel:
 
     @contextmanager
     def session(self) -> Iterator[ort.InferenceSession]:
-        sess = self._free.get()
+        try:
+            sess = self._free.get_nowait()
+        except queue.Empty:  # every session busy: wait, and count the wait
+            t0 = time.perf_counter()
+            sess = self._free.get()
+            metrics.session_wait_child(self.key).observe(time.perf_counter() - t0)
         try:
             yield sess
         finally:
