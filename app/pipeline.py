@@ -158,6 +158,7 @@ class Pipeline:
         breakers: Mapping[str, Breaker] | None = None,
         fallback: Scorer | None = None,
         on_failure: Callable[[str, str], None] | None = None,
+        on_scores: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -174,6 +175,9 @@ class Pipeline:
         #: (scorer key, ``stage_error`` | ``stage_timeout``) -> count, for /stats and metrics.
         self.failures: Counter[tuple[str, str]] = Counter()
         self.on_failure = on_failure
+        #: Called with (scorer key, ids, scores) of the first stage's batch, which is the
+        #: whole request (later stages score survivors): model monitoring (app/drift.py).
+        self.on_scores = on_scores
 
     def resolve_ks(
         self, n: int, top_k: int, stage1_k: int | None, multi_stage: bool = True
@@ -255,6 +259,7 @@ class Pipeline:
         alive = np.arange(n)
         scores = np.empty(0, dtype=np.float32)
         after_stage1 = n
+        first_scores: np.ndarray | None = None  # the whole request's, for on_scores
         models: list[str] = []
         answered, reason = None, None
         for i, stage in enumerate(stages):
@@ -280,6 +285,7 @@ class Pipeline:
                 alive, scores = alive[best], stage_scores[best]
             if i == 0:
                 after_stage1 = len(alive) if not last else n
+                first_scores = stage_scores
             stage_s = time.perf_counter() - t0
             slot = i + 1 + offset
             latency[f"stage{slot}_ms"] = stage_s * 1e3
@@ -287,6 +293,8 @@ class Pipeline:
             timings[f"stage{slot}_cut_ms"] = (stage_s - model_s) * 1e3
             models.append(stage.scorer.key)
             answered = slot
+        if first_scores is not None and self.on_scores is not None:
+            self.on_scores(stages[0].scorer.key, ids, first_scores)
         fallback = None
         if reason is not None:
             alive, scores, fallback = self._degrade(ids, alive, scores, answered, top_k, reason)

@@ -21,6 +21,7 @@ from app.admission import Admission
 from app.breaker import Breaker
 from app.config import Config
 from app.deadlines import Deadline
+from app.drift import DriftMonitor
 from app.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -65,6 +66,8 @@ class Farm:
         #: Bytes of request body per candidate, by wire format: estimates a request's
         #: size (hence its cost) before its candidates are decoded.
         self._bytes_per_candidate: dict[ContentKind, float] = {"json": 250.0, "msgpack": 60.0}
+        #: Model monitoring: inputs and CTRs of whole-request batches vs the cards.
+        self.drift = DriftMonitor(config)
         self.ready = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -99,7 +102,13 @@ class Farm:
             breakers=self.breakers,
             fallback=self._fallback(first),
             on_failure=_count_failure,
+            on_scores=self.drift.record,
         )
+        for model in self.models.values():
+            if not self.drift.add(model.key, model.card):
+                log.warning(
+                    "no drift monitoring: the card has no distribution", extra={"model": model.key}
+                )
         for key in self.breakers:
             metrics.set_breaker(key, "closed")
         if self.config.inference != "inline":
@@ -109,11 +118,14 @@ class Farm:
                 max_wait_ms=self.config.max_queue_wait_ms,
                 aging_ms=self.config.queue_aging_ms,
                 retry_after_s=self.config.retry_after_s,
+                on_start=metrics.QUEUE_WAIT.observe,
             )
         for model in self.models.values():
             model.warm_up(self.config.warmup_runs)
             self._calibrate(model)
         self.ready = True
+        metrics.WORKERS.set(1)
+        metrics.STARTED.set(time.time())
         log.info(
             "farm ready",
             extra={
@@ -126,6 +138,7 @@ class Farm:
 
     def close(self) -> None:
         self.ready = False
+        metrics.WORKERS.set(0)
         if self.admission is not None:
             self.admission.close()
             # Later calls run inline and meet NotReady (503), not a closed queue (500).
@@ -259,6 +272,7 @@ class Farm:
             breaker.failure()
             raise
         breaker.success()
+        self.drift.record(model.key, ids, scores)
         return scores, model
 
     def breaker_states(self) -> dict[str, BreakerState]:

@@ -24,6 +24,11 @@ SERVING = [
     "app.stack",
     "app.logconf",
     "app.asgi",
+    "app.window",
+    "app.goodput",
+    "app.drift",
+    "app.requestlog",
+    "app.stats",
 ]
 FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline"]
 
