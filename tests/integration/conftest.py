@@ -62,15 +62,20 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
     return overrides
 
 
-def start_stack(request: pytest.FixtureRequest, prefix: str = "farm-") -> Iterator[Stack]:
-    """A real stack on a free loopback port over a snapshot of the real models.
+def start_stack(
+    request: pytest.FixtureRequest,
+    prefix: str = "farm-",
+    settings: dict[str, Any] | None = None,
+) -> Iterator[Stack]:
+    """A real stack on a free loopback port over a snapshot of the real models, with
+    2 workers and ``settings`` on top.
 
     The run dir (sockets, logs, access.log) is removed afterwards unless a test failed.
     """
     run_dir = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths < 107 bytes
-    overrides = snapshot_models(run_dir / "models")
+    overrides = {"workers": 2, **snapshot_models(run_dir / "models"), **(settings or {})}
     failed_before = request.session.testsfailed
-    with running(run_dir, {"workers": 2, **overrides}, timeout_s=180.0) as stack:
+    with running(run_dir, overrides, timeout_s=180.0) as stack:
         yield stack
     if request.session.testsfailed == failed_before:
         shutil.rmtree(run_dir, ignore_errors=True)
