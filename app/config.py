@@ -146,7 +146,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Sampled candidate rows a model's window needs before its PSI is judged.
     drift_min_rows: Annotated[int, msgspec.Meta(ge=1)] = 2000
     #: One candidate row in this many is accumulated (systematic sample across requests):
-    #: 1 = every row. PERF: 8 keeps a 1000-candidate ranking's cost at ~15 us.
+    #: 1 = every row. PERF: a 1000-candidate ranking costs 27 us at 8, 79 us at 1
+    #: (scripts/bench_observe.py; the ranking itself ~11 ms).
     drift_sample_every: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 8
 
     # -- front proxy limits (nginx; README "Limits") -----------------------------------
