@@ -126,8 +126,8 @@ DRIFT_CTR_SUM = Gauge(
 WORKERS = Gauge("ctr_farm_workers", "Worker processes serving", multiprocess_mode="livesum")
 STARTED = Gauge(
     "ctr_farm_start_time_seconds",
-    "Unix time the oldest live worker became ready",
-    multiprocess_mode="livemin",
+    "Unix time each live worker became ready (0 while it loads)",
+    multiprocess_mode="liveall",  # per pid: /stats takes the oldest that is ready
 )
 
 BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}

@@ -92,8 +92,8 @@ def build(
 ) -> StatsResponse:
     """The summary; ``oov_ids`` lists ``fields`` (the served models' fields)."""
     now = time.time() if now is None else now
-    started = samples.select("ctr_farm_start_time_seconds")
-    since = started[0][1] if started and started[0][1] > 0 else None
+    ready_since = [v for _, v in samples.select("ctr_farm_start_time_seconds") if v > 0]
+    since = min(ready_since) if ready_since else None
     stages: dict[str, dict[str, LatencySummary]] = {}
     for labels, _ in samples.select("ctr_farm_stage_duration_seconds_count"):
         stage, model = labels["stage"], labels["model"]

@@ -4,16 +4,15 @@ several processes' samples summed, a dead process's live gauges dropped."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from app import metrics
-from app.config import PROMETHEUS_ENV, REPO_ROOT
+from app.config import PROMETHEUS_ENV
 from app.metrics import Samples, quantile
+from tests.benchmarks.scripts import run_proc
 
 BUCKETS = [(0.01, 10.0), (0.05, 60.0), (0.1, 90.0), (float("inf"), 100.0)]
 
@@ -85,17 +84,8 @@ print(os.getpid())
 
 
 def run_worker(env: dict[str, str], n: int) -> int:
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(n)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split()[-1])
+    """One "worker" process recording ``n`` requests; its pid."""
+    return int(run_proc("-c", WORKER, str(n), env=env, timeout_s=60).stdout.split()[-1])
 
 
 def test_processes_sum_and_a_dead_one_leaves_the_live_gauges(

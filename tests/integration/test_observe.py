@@ -11,6 +11,8 @@ request of the module, every candidate row sampled for drift.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -185,7 +187,7 @@ def test_metrics_stats_and_request_log_sum_across_workers(
     assert {a.pid for a in answers} == set(observed.worker_pids())
     for answer in answers:
         rank = answer.endpoints["/rank"]
-        assert answer.workers == 2
+        assert answer.workers == 2 and answer.uptime_s is not None and answer.uptime_s > 0
         assert rank.outcomes == totals
         assert rank.requests == requests_total
         judged = totals["within"] + totals["over"] + totals["failed"]
@@ -232,6 +234,49 @@ def log_rows(stack: Stack) -> dict[str, dict[str, Any]]:
         conn.row_factory = sqlite3.Row
         query = "SELECT * FROM requests WHERE request_id LIKE 'obs-%'"
         return {r["request_id"]: dict(r) for r in conn.execute(query)}
+
+
+# -- a worker killed: its counts stay, its live gauges go -----------------------------------
+def test_a_killed_workers_counters_stay_and_its_live_gauges_go(
+    observed: Stack, client: httpx.Client
+) -> None:
+    jobs = [
+        (f"obs-k{i}", "/rank", encode({"candidates": [[1] * 16] * 10}, JSON), JSON)
+        for i in range(20)
+    ]
+    assert send_all(observed.url, jobs) == [200] * len(jobs)
+    time.sleep(1.5)  # every worker has published its window since (once a second)
+    rank_ok = {"endpoint": "/rank", "status": "200"}
+    shares = per_worker(observed, "counter", "ctr_farm_requests_total", **rank_ok)
+    windows = per_worker(observed, "gauge_livesum", "ctr_farm_window_requests", endpoint="/rank")
+    victim, survivor = sorted(observed.worker_pids(), key=lambda pid: -shares.get(pid, 0))
+    assert shares[victim] > 0 and windows[victim] > 0
+    before = scrape(client)
+
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_for(
+        lambda: (lambda pids: victim not in pids and len(pids) == 2)(observed.worker_pids()),
+        timeout_s=30,
+    )
+    assert replaced, observed.worker_pids()
+    observed.wait_ready(120)
+    after = scrape(client)
+
+    # Counters: the dead worker's file still counts (totals never go back).
+    assert after.total("ctr_farm_requests_total", **rank_ok) == before.total(
+        "ctr_farm_requests_total", **rank_ok
+    )
+    assert (observed.config.metrics_path / f"counter_{victim}.db").exists()
+    # Live gauges: gone with it (gunicorn's child_exit); the replacement starts from 0.
+    assert not list(observed.config.metrics_path.glob(f"gauge_live*_{victim}.db"))
+    assert after.total("ctr_farm_workers") == 2
+    window = after.total("ctr_farm_window_requests", endpoint="/rank")
+    assert window == wait_for(
+        lambda: per_worker(observed, "gauge_livesum", "ctr_farm_window_requests",
+                           endpoint="/rank").get(survivor)
+    )  # fmt: skip
+    assert window == before.total("ctr_farm_window_requests", endpoint="/rank") - windows[victim]
+    assert stats(client).workers == 2
 
 
 # -- drift ------------------------------------------------------------------------------------
