@@ -1,3 +1,5 @@
+import sys
+
 from app.cli import main
 
-main()
+sys.exit(main())

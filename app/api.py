@@ -8,6 +8,7 @@ generic 500 that carries no internals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -36,10 +37,10 @@ from app.errors import (
 )
 from app.features import DECODE_ERRORS, ContentKind, error_from_msgspec
 from app.goodput import Goodput
-from app.lifecycle import DRAIN
+from app.lifecycle import DRAIN, RELOAD
 from app.openapi import register as register_openapi
 from app.pipeline import RankResult
-from app.requestlog import RequestLog, RequestLogError, Row
+from app.requestlog import RequestLog, RequestLogError, Row, export_zeros
 from app.schema import (
     REQUEST_ID_MAX,
     ErrorBody,
@@ -129,8 +130,8 @@ async def read_body(req: falcon.asgi.Request, limit: int) -> bytes:
 
 class RequestContext:
     """Per request: echo a well-formed ``X-Request-ID`` or mint one (it rides on every
-    response), and record the request's metrics, SLA outcome and request-log row when it
-    is answered."""
+    response), and record the request's metrics, SLA outcome and request-log row (and
+    span, when tracing) when it is answered."""
 
     def __init__(self, farm: Farm, goodput: Goodput, request_log: RequestLog | None = None) -> None:
         self.farm = farm
@@ -145,6 +146,11 @@ class RequestContext:
             rid = secrets.token_hex(8)
         req.context.request_id = rid
         resp.set_header("X-Request-ID", rid)
+        tracer = self.farm.tracer
+        if tracer is not None:
+            req.context.span = tracer.start_request(
+                req.method, rid, req.get_header("traceparent"), req.get_header("tracestate")
+            )
 
     async def process_response(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, ok: bool
@@ -170,11 +176,19 @@ class RequestContext:
             metrics.QUEUED.set(self.farm.admission.waiting)
         if status == 503 and code is not None:
             metrics.SHED.labels(code).inc()
+        elapsed = time.perf_counter() - t0
         metrics.requests_child(endpoint, str(status), model).inc()
-        elapsed_s = time.perf_counter() - t0
-        metrics.latency_child(endpoint).observe(elapsed_s)
+        metrics.latency_child(endpoint).observe(elapsed)
         if endpoint in self.goodput.sla_ms:
-            self._observe(req, endpoint, status, elapsed_s, result, model, code)
+            self._observe(req, endpoint, status, elapsed, result, model, code)
+        span = req.context.get("span")
+        if span is not None:
+            span.end(endpoint, status, code, result, model)
+        variant = req.context.get("variant")
+        if variant is not None:
+            resp.set_header(VARIANT_HEADER, variant)
+            if self.farm.split:
+                self._record_variant(req, variant, endpoint, status, result, elapsed)
 
     def _observe(
         self,
@@ -192,13 +206,14 @@ class RequestContext:
         outcome = self.goodput.record(endpoint, status, (waited_s + elapsed_s) * 1e3)
         if self.request_log is None:
             return
+        scores = req.context.get("ctr")  # /predict's
         self.request_log.record(
             Row(
                 request_id=req.context.request_id,
                 ts=t_wall,
                 endpoint=endpoint,
                 status=status,
-                n_candidates=result.n_input if result else req.context.get("n_candidates"),
+                n_candidates=result.n_input if result else None if scores is None else len(scores),
                 latency_ms=elapsed_s * 1e3,
                 queue_ms=waited_s * 1e3,
                 stage_ms=result.latency if result else None,
@@ -208,9 +223,33 @@ class RequestContext:
                 reason=result.reason if result else None,
                 outcome=outcome,
                 error_code=code,
+                variant=req.context.get("variant"),
                 pid=os.getpid(),
             )
         )
+
+    @staticmethod
+    def _record_variant(
+        req: falcon.asgi.Request,
+        variant: str,
+        endpoint: str,
+        status: int,
+        result: RankResult | None,
+        elapsed: float,
+    ) -> None:
+        """Guardrails per variant (only when traffic is split: A/B or canary)."""
+        outcomes, latency, ctr = metrics.variant_children(variant, endpoint)
+        if status >= 500 or (result is not None and result.reason in MODEL_FAILURE_REASONS):
+            outcome = "error"
+        elif status >= 400:
+            outcome = "client_error"
+        else:
+            outcome = "degraded" if result is not None and result.degraded else "ok"
+        outcomes[outcome].inc()
+        latency.observe(elapsed)
+        scores = result.scores if result is not None else req.context.get("ctr")
+        if scores is not None and len(scores):
+            ctr.observe(float(scores.mean()))
 
 
 class Lifecycle:
@@ -236,12 +275,24 @@ class Lifecycle:
             log.critical("worker cannot start: %s", exc)
             raise
         self.publisher.start()
+        RELOAD.subscribe(self.on_hup)
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
+        RELOAD.unsubscribe(self.on_hup)
         self.farm.close()
         self.publisher.close()
         if self.request_log is not None:
             self.request_log.close()
+
+    def on_hup(self) -> None:
+        """SIGHUP: reload on a worker thread; the event loop goes on serving."""
+        asyncio.get_running_loop().run_in_executor(None, self.reload)
+
+    def reload(self) -> None:
+        try:
+            self.farm.reload()
+        except Exception:  # a signal has no caller to answer: log it whole, keep serving
+            log.exception("reload failed; the current models go on serving")
 
 
 def rank_response(result: RankResult) -> RankResponse:
@@ -262,7 +313,23 @@ def rank_response(result: RankResult) -> RankResponse:
         answered_by=result.answered_by,
         reason=result.reason,
         fallback=result.fallback,
+        variant=result.variant,
     )
+
+
+#: Degraded answers that count as errors for a variant: its model failed, was stopped,
+#: or is shut off by its breaker.
+MODEL_FAILURE_REASONS = ("stage_error", "stage_timeout", "breaker_open")
+USER_KEY_HEADER, VARIANT_HEADER = "X-User-Key", "X-Variant"
+
+
+def request_variant(farm: Farm, req: falcon.asgi.Request, user_key: str | None) -> str:
+    """The A/B variant: by the ``X-User-Key`` header, the body's ``user_key``, or else
+    the request id; recorded for the metrics and sent back as ``X-Variant``."""
+    key = req.get_header(USER_KEY_HEADER) or user_key or req.context.request_id
+    variant = farm.route(key)
+    req.context.variant = variant
+    return variant
 
 
 def request_deadline(farm: Farm, req: falcon.asgi.Request, field_ms: int | None) -> Deadline:
@@ -280,11 +347,13 @@ class RankResource:
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, RankRequest)
         deadline = request_deadline(self.farm, req, request.timeout_ms)
+        variant = request_variant(self.farm, req, request.user_key)
         result = await self.farm.call(
             self.farm.rank,
             request,
             kind,
             deadline,
+            variant,
             cost_ms=self.farm.estimate_rank_ms(request, kind),
             body_bytes=len(body),
             deadline=deadline,
@@ -303,18 +372,20 @@ class PredictResource:
         body = await read_body(req, self.farm.config.max_body_bytes)
         request = self.codec.decode(body, kind, PredictRequest)
         deadline = request_deadline(self.farm, req, request.timeout_ms)
+        variant = request_variant(self.farm, req, request.user_key)
         scores, model = await self.farm.call(
             self.farm.predict,
             request,
             kind,
+            variant,
             cost_ms=0.0,
             body_bytes=len(body),
             deadline=deadline,
         )
         req.context.model = model.key
-        req.context.n_candidates = len(scores)
         name, _, version = model.key.partition("/")
-        answer = PredictResponse(ctr=scores.tolist(), model=name, version=version)
+        req.context.ctr = scores
+        answer = PredictResponse(ctr=scores.tolist(), model=name, version=version, variant=variant)
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
 
 
@@ -352,7 +423,16 @@ class ModelsResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if not self.farm.ready:
             raise NotReady("models are not loaded yet")
-        self.codec.write(resp, ModelsResponse(models=self.farm.summaries()))
+        rejected, last_reload = self.farm.models_status()
+        answer = ModelsResponse(
+            models=self.farm.summaries(),
+            generation=self.farm.generation,
+            rejected=rejected,
+            last_reload=last_reload,
+            pid=os.getpid(),
+            traffic=self.farm.traffic_status(),
+        )
+        self.codec.write(resp, answer)
 
 
 class StatsResource:
@@ -379,7 +459,7 @@ class MetricsResource:
         self.publisher.publish()
         families = metrics.collect()
         report = self.farm.drift.report(metrics.Samples(families))
-        families += DriftMonitor.families(report)
+        families = metrics.with_computed(families, DriftMonitor.families(report))
         resp.data, resp.content_type = metrics.render(families), metrics.CONTENT_TYPE
 
 
@@ -441,6 +521,7 @@ def create_app(
     publisher = Publisher([goodput.publish, farm.drift.publish])
     path = config.request_log_path
     request_log = RequestLog(path, config.request_log_queue) if path else None
+    export_zeros()  # the request-log counters are exported (as 0) with the log off too
     middleware: list[object] = [RequestContext(farm, goodput, request_log)]
     if manage_lifecycle:
         middleware.append(Lifecycle(farm, publisher, request_log))

@@ -10,6 +10,7 @@ A bad value stops the boot with a message that names the setting
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -46,13 +47,64 @@ class StageConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keep_k: Positive | None = None
 
 
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class VariantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One arm of an A/B split: a name, a share of the keys, and the model settings it
+    changes (empty: the farm's own ``deepfm_model`` / ``autoint_model``)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    weight: Share
+    deepfm_model: str = ""
+    autoint_model: str = ""
+
+
+class CanaryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A rollout of other model settings to a growing share of traffic (the variant
+    ``canary``; the rest is ``stable``), judged against ``stable`` before each step."""
+
+    deepfm_model: str = ""
+    autoint_model: str = ""
+    #: Share of the keys on the canary at each step; the last step is the rollout's end.
+    steps: tuple[Share, ...] = (0.01, 0.05, 0.25, 1.0)
+    #: Time on each step before it may advance (if the canary is within its bounds).
+    step_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    #: Canary requests a step needs before it is judged (fewer: the step waits).
+    min_requests: Positive = 50
+    #: Canary error rate may exceed stable's by this much (errors: 5xx answers and
+    #: rankings degraded by a failing or stopped model).
+    max_error_rate_delta: Share = 0.01
+    #: Canary p99 may be this many times stable's.
+    max_p99_ratio: Annotated[float, msgspec.Meta(ge=1.0)] = 1.5
+    #: Mean overlap with what stable returns for the same request (top-k), and with
+    #: what stable's stage 1 keeps, on a sampled ``compare_share`` of canary requests.
+    min_topk_overlap: Share = 0.5
+    min_stage1_overlap: Share = 0.7
+    compare_share: Share = 0.25
+
+
+class ShadowConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Other model settings run off the request path on a sampled share of ``/rank``."""
+
+    deepfm_model: str = ""
+    autoint_model: str = ""
+    share: Share = 0.1
+
+
+#: Config fields typed as structs: TOML tables in the file, JSON in env and flags.
+STRUCT_FIELDS = ("variants", "canary", "shadow")
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every setting of the farm, typed and documented once."""
 
     # -- models ------------------------------------------------------------------------
-    #: Model directories (``models/<name>/<version>``, holding model.onnx + card.json).
-    deepfm_model: str = "models/deepfm/1"
-    autoint_model: str = "models/autoint/1"
+    #: Each model's repository (``models/<name>``: its newest valid version serves, and a
+    #: reload moves to a newer one) or one version dir (``models/<name>/<version>``,
+    #: holding model.onnx + card.json: pinned). See app/registry.py.
+    deepfm_model: str = "models/deepfm"
+    autoint_model: str = "models/autoint"
     #: The cascade, in order. A third stage or another model is a config change.
     stages: tuple[StageConfig, ...] = (
         StageConfig(model="deepfm", keep_k=100),
@@ -62,6 +114,18 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     predict_model: str = "autoint"
     #: Verify the sha256 in card.json against model.onnx at load time.
     verify_sha256: bool = True
+
+    # -- traffic: A/B, canary, shadow (app/traffic.py) --------------------------------
+    #: A/B split: each request goes to one variant by a stable hash of its key
+    #: (``X-User-Key`` header or ``user_key`` field; else its request id). Weights sum
+    #: to 1. Empty: one variant, ``stable``.
+    variants: tuple[VariantConfig, ...] = ()
+    #: A canary rollout (not together with ``variants``).
+    canary: CanaryConfig | None = None
+    #: Shadow model settings, compared off the request path.
+    shadow: ShadowConfig | None = None
+    #: Salt of the A/B hash: another salt reshuffles which keys land where.
+    split_salt: str = "ctr-farm"
 
     # -- sessions ----------------------------------------------------------------------
     #: ONNX Runtime sessions per model per worker process (bounds concurrent inference).
@@ -124,10 +188,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     admin_token: str = ""
 
     # -- observability (README "Monitoring") -------------------------------------------
-    #: Latency objective of ``/rank`` and ``/predict``: an answer (2xx) within it counts
-    #: towards goodput (``ctr_farm_sla_requests_total{outcome="within"}``). The clock starts
-    #: when nginx received the request (``X-Request-Start``), like the deadline's.
+    #: Latency objective of ``/rank``: an answer (2xx) within it counts towards goodput
+    #: (``ctr_farm_sla_requests_total{outcome="within"}``). The clock starts when nginx
+    #: received the request (``X-Request-Start``), like the deadline's.
     sla_rank_ms: Annotated[float, msgspec.Meta(gt=0, le=600_000)] = 50.0
+    #: Latency objective of ``/predict`` (as ``sla_rank_ms``).
     sla_predict_ms: Annotated[float, msgspec.Meta(gt=0, le=600_000)] = 20.0
     #: Seconds of recent traffic behind ``/stats`` throughput, goodput and compliance.
     stats_window_s: Annotated[int, msgspec.Meta(ge=10, le=86_400)] = 60
@@ -139,9 +204,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: delayed: its row is dropped and counted (``ctr_farm_request_log_dropped_total``).
     request_log_queue: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
     #: Model monitoring: PSI of each model's inputs and predicted CTR against its card's
-    #: training distribution, over the last ``drift_window_s`` seconds of traffic.
+    #: training distribution; a model whose worst feature reaches this is ``warn``.
     drift_psi_warn: Annotated[float, msgspec.Meta(gt=0)] = 0.1
+    #: The PSI from which a model is ``alert`` (above ``drift_psi_warn``).
     drift_psi_alert: Annotated[float, msgspec.Meta(gt=0)] = 0.25
+    #: Seconds of traffic the drift PSI is computed over.
     drift_window_s: Annotated[int, msgspec.Meta(ge=10, le=86_400)] = 300
     #: Sampled candidate rows a model's window needs before its PSI is judged.
     drift_min_rows: Annotated[int, msgspec.Meta(ge=1)] = 2000
@@ -188,6 +255,20 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     graceful_timeout_s: Positive = 30
     worker_timeout_s: Positive = 60
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # -- tracing (README "Dashboards and tracing"; app/tracing.py) --------------------
+    #: OpenTelemetry spans, one per request and a child per cascade stage, with the
+    #: request id as ``ctr_farm.request_id``: ``off`` (OpenTelemetry is never imported),
+    #: ``stdout`` (one JSON line per span on the worker's stdout, written as each span
+    #: ends) or ``otlp`` (OTLP/HTTP protobuf to ``otlp_endpoint``, batched in the
+    #: background). Needs the ``tracing`` extra (``pip install -e '.[tracing]'``).
+    tracing: Literal["off", "stdout", "otlp"] = "off"
+    #: Where ``otlp`` posts spans: an OpenTelemetry Collector's (or Jaeger's, Tempo's)
+    #: OTLP/HTTP traces URL.
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    #: Share of traces recorded (0 to 1). A request with a W3C ``traceparent`` header joins
+    #: its caller's trace and follows the caller's sampling decision.
+    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
     #: nginx binary (found on PATH or /usr/sbin).
     nginx_bin: str = "nginx"
 
@@ -207,6 +288,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 f"drift_psi_warn: {self.drift_psi_warn} must be below drift_psi_alert"
                 f" ({self.drift_psi_alert})"
             )
+        self._check_traffic()
         # Requests that rely on the defaults must be valid: top_k <= every stage's keep_k.
         for i, stage in enumerate(self.stages[:-1]):
             if i > 0 and stage.keep_k is None:
@@ -216,11 +298,29 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                     f"stages[{i}].keep_k: {stage.keep_k} is below default_top_k"
                     f" ({self.default_top_k})"
                 )
+        if self.tracing != "off":
+            _require_tracing(self.tracing, self.otlp_endpoint)
+
+    def _check_traffic(self) -> None:
+        if self.variants:
+            names = [v.name for v in self.variants]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"variants: names must be unique, got {names}")
+            total = sum(v.weight for v in self.variants)
+            if abs(total - 1.0) > 1e-6:
+                raise ConfigError(f"variants: weights must sum to 1, got {total:g}")
+            if self.canary is not None:
+                raise ConfigError("canary: a canary rollout cannot run beside A/B variants")
+        if self.canary is not None and list(self.canary.steps) != sorted(self.canary.steps):
+            raise ConfigError(f"canary.steps: must not decrease, got {list(self.canary.steps)}")
 
     # -- derived values ------------------------------------------------------------------
-    def model_dirs(self) -> dict[str, Path]:
-        """Model name -> absolute directory of the version served."""
-        return {"deepfm": self.path(self.deepfm_model), "autoint": self.path(self.autoint_model)}
+    def model_dirs(self, override: Any = None) -> dict[str, Path]:
+        """Model name -> absolute directory (repository or pinned version) it serves from;
+        ``override`` (a variant, canary or shadow config) replaces the settings it sets."""
+        deepfm = (override and override.deepfm_model) or self.deepfm_model
+        autoint = (override and override.autoint_model) or self.autoint_model
+        return {"deepfm": self.path(deepfm), "autoint": self.path(autoint)}
 
     def path(self, value: str) -> Path:
         """Resolve a configured path against the repository root."""
@@ -266,6 +366,29 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return self.run_path / "gunicorn.sock"
 
 
+#: Modules each tracing mode needs (the ``tracing`` extra of pyproject.toml).
+TRACING_MODULES = {
+    "stdout": ("opentelemetry.sdk.trace",),
+    "otlp": ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http"),
+}
+
+
+def _require_tracing(mode: str, endpoint: str) -> None:
+    """Stop the boot, naming the setting, when tracing is on but cannot work."""
+    for name in TRACING_MODULES[mode]:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            raise ConfigError(
+                f"tracing: {mode!r} needs the OpenTelemetry packages ({name} is not"
+                " installed): pip install -e '.[tracing]', or set tracing = \"off\""
+            )
+    if mode == "otlp" and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"otlp_endpoint: expected an http(s) URL, got {endpoint!r}")
+
+
 def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:
     """The metrics directory shared by the workers, or None in a single process."""
     return (os.environ if env is None else env).get(PROMETHEUS_ENV) or None
@@ -287,6 +410,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if name == "stages":
             # "deepfm:100,autoint" -> stages; the TOML file is the richer form.
             out[name] = parse_stages(raw)
+        elif name in STRUCT_FIELDS:
+            if raw.strip():  # empty: the default (no variants, no canary, no shadow)
+                out[name] = _json_setting(name, raw)
         elif field.type is bool:
             word = raw.strip().lower()
             if word not in _TRUE + _FALSE:
@@ -295,6 +421,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         else:
             out[name] = raw
     return out
+
+
+def _json_setting(name: str, raw: str) -> Any:
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected JSON: {exc}") from exc
 
 
 def parse_stages(text: str) -> list[dict[str, Any]]:
@@ -321,7 +454,12 @@ def load(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{ENV_FILE}: cannot read config file {file!s}: {exc}") from exc
     merged.update(_from_env(env))
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        merged[key] = (
+            _json_setting(key, value) if key in STRUCT_FIELDS and isinstance(value, str) else value
+        )
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -335,6 +473,8 @@ def to_env(config: Config) -> dict[str, str]:
         value = getattr(config, name)
         if name == "stages":
             value = ",".join(f"{s.model}:{s.keep_k}" if s.keep_k else s.model for s in value)
+        elif name in STRUCT_FIELDS:
+            value = msgspec.json.encode(value).decode() if value else ""
         elif isinstance(value, bool):
             value = "1" if value else "0"
         out[ENV_PREFIX + name.upper()] = str(value)

@@ -197,8 +197,17 @@ class DriftMonitor:
         if monitor is not None:
             monitor.record(ids, scores)
 
+    def retain(self, keys: set[str]) -> None:
+        """Stop monitoring the versions not in ``keys`` (a reload retired them): their
+        window gauges go to zero, and they leave ``/stats``."""
+        gone = [m for key, m in self.models.items() if key not in keys]
+        # One assignment: the publisher thread iterates the old dict or the new one.
+        self.models = {key: m for key, m in self.models.items() if key in keys}
+        for monitor in gone:
+            monitor.window.clear()
+
     def publish(self) -> None:
-        for monitor in self.models.values():
+        for monitor in list(self.models.values()):
             monitor.window.publish()
 
     def state(self, rows: float, worst_psi: float | None) -> str:
@@ -243,22 +252,12 @@ class DriftMonitor:
             if f.psi is not None
         ]
         return [
-            metrics.gauge_family(
-                "ctr_farm_drift_psi",
-                "PSI of a model's feature (a field, or ctr) over the drift window vs its card",
-                ("model", "feature"),
-                psi_values,
+            metrics.computed(metrics.DRIFT_PSI, psi_values),
+            metrics.computed(
+                metrics.DRIFT_STATE, [((key,), STATE_LEVEL[d.state]) for key, d in report.items()]
             ),
-            metrics.gauge_family(
-                "ctr_farm_drift_state",
-                "Drift per model: -1 insufficient data, 0 ok, 1 warn, 2 alert",
-                ("model",),
-                [((key,), STATE_LEVEL[d.state]) for key, d in report.items()],
-            ),
-            metrics.gauge_family(
-                "ctr_farm_predicted_ctr_mean",
-                "Mean predicted CTR of a model over the drift window (sampled rows)",
-                ("model",),
+            metrics.computed(
+                metrics.PREDICTED_CTR_MEAN,
                 [((key,), d.ctr_mean) for key, d in report.items() if d.ctr_mean is not None],
             ),
         ]

@@ -21,6 +21,9 @@
 
 Every 503 carries ``Retry-After`` (``retry_after_s``).
 
+Outside the HTTP tree, ``CommandError``: a command-line job (``ctr-farm score``, ...)
+cannot run as asked; ``ctr-farm`` prints its message and exits 1, never a traceback.
+
 Foreign errors (msgspec, ONNX Runtime) are translated at the boundary with
 ``raise ... from exc``; the message never carries a traceback or a file path.
 """
@@ -130,3 +133,7 @@ class ModelLoadError(ServerError):
     """Raised at start-up only: the worker must not serve with a model missing."""
 
     code = "model_load_error"
+
+
+class CommandError(Exception):
+    """A ``ctr-farm`` command cannot run as asked (bad input, output or flags)."""

@@ -95,6 +95,8 @@ class FeatureSpace:
         self._vocab = np.array([f.vocab_size for f in fields], dtype=np.int64)
         self._oov = np.array([f.oov_index for f in fields], dtype=np.int64)
         self.oov_counter = OOVCounter(self.names)
+        for name in self.names:  # exported from 0, before the first OOV id
+            metrics.oov_child(name)
 
         bounded = msgspec.Meta(min_length=1, max_length=max_candidates)
         obj = msgspec.defstruct(

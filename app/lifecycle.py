@@ -29,6 +29,10 @@ What this module adds (``worker_class = "app.lifecycle.DrainingWorker"``):
   bounded by ``graceful_timeout_s`` like SIGTERM.
 - uvicorn's own drain deadline is set just below gunicorn's ``graceful_timeout``, so a
   stuck request is cancelled and the lifespan shutdown still runs before the SIGKILL.
+- SIGHUP reloads the models in place (``RELOAD``; ``Farm.reload``) instead of killing the
+  worker (uvicorn-worker resets it to the default action, which is to exit). The master
+  forwards its own SIGHUP to every worker (``deploy/gunicorn.conf.py``) rather than
+  re-forking them all, so a reload never leaves a moment without a ready worker.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from gunicorn.arbiter import Arbiter
@@ -71,6 +76,34 @@ class Drain:
 
 #: One per process: signals are delivered to processes.
 DRAIN = Drain()
+
+
+class ReloadSignal:
+    """SIGHUP in a worker: whoever subscribed (the app's lifespan) reloads its models.
+
+    ``master_pid`` is the gunicorn master that forwards SIGHUP to every worker (None
+    outside gunicorn): ``POST /admin/reload`` on one worker reaches all through it.
+    """
+
+    def __init__(self) -> None:
+        self.master_pid: int | None = None
+        self._handlers: list[Callable[[], object]] = []
+
+    def subscribe(self, handler: Callable[[], object]) -> None:
+        self._handlers.append(handler)
+
+    def unsubscribe(self, handler: Callable[[], object]) -> None:
+        if handler in self._handlers:
+            self._handlers.remove(handler)
+
+    def fire(self) -> None:
+        """Runs in the event loop (``add_signal_handler``), not in a signal handler."""
+        log.info("SIGHUP: reloading models", extra={"handlers": len(self._handlers)})
+        for handler in list(self._handlers):
+            handler()
+
+
+RELOAD = ReloadSignal()
 
 
 class DrainingServer(Server):
@@ -117,12 +150,20 @@ class DrainingWorker(UvicornWorker):
             1.0, self.cfg.graceful_timeout - _SHUTDOWN_MARGIN_S
         )
 
+    def init_signals(self) -> None:
+        super().init_signals()
+        # SIG_DFL would end the worker; until _serve takes it over, a SIGHUP is a no-op.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     async def _serve(self) -> None:
         # uvicorn-worker 0.4's _serve, with our server and SIGQUIT handler (pinned in
         # pyproject.toml; re-read this when upgrading it).
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_quit)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGQUIT, server.handle_quit)
+        RELOAD.master_pid = self.ppid
+        loop.add_signal_handler(signal.SIGHUP, RELOAD.fire)
         await server.serve(sockets=self.sockets)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

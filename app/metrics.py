@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from functools import cache
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -126,8 +127,79 @@ DRIFT_CTR_SUM = Gauge(
 WORKERS = Gauge("ctr_farm_workers", "Worker processes serving", multiprocess_mode="livesum")
 STARTED = Gauge(
     "ctr_farm_start_time_seconds",
-    "Unix time each live worker became ready (0 while it loads)",
-    multiprocess_mode="liveall",  # per pid: /stats takes the oldest that is ready
+    "Unix time the oldest live worker became ready",
+    multiprocess_mode="livemin",
+)
+# A worker that is still loading must not be the oldest: +Inf until it is ready.
+STARTED.set(math.inf)
+#: Computed when /metrics is read, from the merged drift windows (app/drift.py); no
+#: worker sets them. Declared here so the exported names live in one module.
+DRIFT_PSI = Gauge(
+    "ctr_farm_drift_psi",
+    "PSI of a model's feature (a field, or ctr) over the drift window vs its card",
+    ["model", "feature"],
+    multiprocess_mode="livemax",
+)
+DRIFT_STATE = Gauge(
+    "ctr_farm_drift_state",
+    "Drift per model: -1 insufficient data, 0 ok, 1 warn, 2 alert",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+PREDICTED_CTR_MEAN = Gauge(
+    "ctr_farm_predicted_ctr_mean",
+    "Mean predicted CTR of a model over the drift window (sampled rows)",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+
+# -- traffic: A/B variants, canary, shadow (app/traffic.py) -------------------------------
+_SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_CTR_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+VARIANT_REQUESTS = Counter(
+    "ctr_farm_variant_requests",
+    "Requests per A/B variant; outcome ok, degraded, error (5xx, or degraded by a failing"
+    " model) or client_error",
+    ["variant", "endpoint", "outcome"],
+)
+VARIANT_LATENCY = Histogram(
+    "ctr_farm_variant_request_duration_seconds",
+    "Time in the app per request, per A/B variant",
+    ["variant", "endpoint"],
+    buckets=_LATENCY_BUCKETS,
+)
+VARIANT_CTR = Histogram(
+    "ctr_farm_variant_predicted_ctr",
+    "Mean predicted CTR of the candidates returned, per variant (a guardrail)",
+    ["variant", "endpoint"],
+    buckets=_CTR_BUCKETS,
+)
+AGREEMENT = Histogram(
+    "ctr_farm_agreement",
+    "Overlap of another lineup's answer with the served one (shadow or canary vs stable):"
+    " what = topk (returned) or stage1 (kept by stage 1)",
+    ["comparison", "what"],
+    buckets=_SHARE_BUCKETS,
+)
+COMPARE_LATENCY = Histogram(
+    "ctr_farm_compare_duration_seconds",
+    "Time the other lineup took on a compared request (off the request path)",
+    ["comparison"],
+    buckets=_LATENCY_BUCKETS,
+)
+COMPARE_DROPPED = Counter(
+    "ctr_farm_compare_dropped", "Comparisons dropped: the comparator was busy", ["comparison"]
+)
+COMPARE_FAILED = Counter(
+    "ctr_farm_compare_failed", "Comparisons whose other lineup failed", ["comparison"]
+)
+CANARY_WEIGHT = Gauge(
+    "ctr_farm_canary_weight", "Share of keys on the canary now", multiprocess_mode="livemax"
+)
+CANARY_STATUS = Gauge(
+    "ctr_farm_canary_status",
+    "Canary rollout: 0 running, 1 promoted, 2 rolled back",
+    multiprocess_mode="livemax",
 )
 
 BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
@@ -181,14 +253,18 @@ def render(families: Iterable[Metric] | None = None) -> bytes:
     return generate_latest(_Families(collect() if families is None else families))
 
 
-def gauge_family(
-    name: str, doc: str, labels: Sequence[str], values: Iterable[tuple[Sequence[str], float]]
-) -> GaugeMetricFamily:
-    """A gauge computed at read time (not recorded by any worker), e.g. drift PSI."""
-    family = GaugeMetricFamily(name, doc, labels=list(labels))
+def computed(gauge: Gauge, values: Iterable[tuple[Sequence[str], float]]) -> GaugeMetricFamily:
+    """One of the gauges computed at read time (e.g. ``DRIFT_PSI``) with its values."""
+    family = GaugeMetricFamily(gauge._name, gauge._documentation, labels=gauge._labelnames)
     for label_values, value in values:
         family.add_metric(list(label_values), value)
     return family
+
+
+def with_computed(families: Iterable[Metric], extra: Sequence[Metric]) -> list[Metric]:
+    """``families`` with the computed ones in place of their (empty) declarations."""
+    names = {f.name for f in extra}
+    return [f for f in families if f.name not in names] + list(extra)
 
 
 class Samples:
@@ -244,6 +320,56 @@ def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
             )
         lower_bound, lower_count = bound, count
     return lower_bound
+
+
+@cache
+def variant_children(variant: str, endpoint: str):
+    """(requests by outcome, latency, predicted CTR) children of one variant/endpoint."""
+    outcomes = {
+        o: VARIANT_REQUESTS.labels(variant, endpoint, o)
+        for o in ("ok", "degraded", "error", "client_error")
+    }
+    return (
+        outcomes,
+        VARIANT_LATENCY.labels(variant, endpoint),
+        VARIANT_CTR.labels(variant, endpoint),
+    )
+
+
+def touch_comparison(label: str) -> None:
+    """Export a comparison's drop and failure counters from 0, before the first one."""
+    COMPARE_DROPPED.labels(label)
+    COMPARE_FAILED.labels(label)
+
+
+def variant_snapshot(endpoint: str = "/rank") -> dict[str, Any]:
+    """Farm-wide counters the canary is judged on, per variant: requests, errors,
+    cumulative latency buckets; and canary-vs-stable agreement sums and counts."""
+    out: dict[str, Any] = {}
+    for family in collect():
+        for sample in family.samples:
+            labels = sample.labels
+            if family.name == "ctr_farm_variant_requests" and sample.name.endswith("_total"):
+                if labels["endpoint"] != endpoint:
+                    continue
+                row = out.setdefault(labels["variant"], {"requests": 0.0, "errors": 0.0})
+                row["requests"] += sample.value
+                if labels["outcome"] == "error":
+                    row["errors"] += sample.value
+            elif (
+                family.name == "ctr_farm_variant_request_duration_seconds"
+                and sample.name.endswith("_bucket")
+                and labels["endpoint"] == endpoint
+            ):
+                row = out.setdefault(labels["variant"], {"requests": 0.0, "errors": 0.0})
+                buckets = row.setdefault("buckets", {})
+                buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + sample.value
+            elif family.name == "ctr_farm_agreement" and labels.get("comparison") == "canary":
+                part = sample.name.rsplit("_", 1)[-1]
+                if part in ("sum", "count"):
+                    agree = out.setdefault("agreement", {}).setdefault(labels["what"], {})
+                    agree[part] = agree.get(part, 0.0) + sample.value
+    return out
 
 
 def set_breaker(model: str, state: str) -> None:

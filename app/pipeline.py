@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +35,9 @@ from app.errors import (
     ModelUnavailable,
     StageTimeout,
 )
+
+if TYPE_CHECKING:
+    from app.tracing import Tracer
 
 #: Field whose training popularity orders the fallback ranking.
 POPULAR_FIELD = "creative"
@@ -74,7 +77,15 @@ class RankResult:
     answered_by: str = ""
     #: None, or why the answer is not the full cascade's (see module docstring).
     reason: str | None = None
+    #: The fallback ranking used (``popular``), when ``answered_by`` is ``fallback``.
     fallback: str | None = None
+    #: Candidate indices stage 1 kept (request order), when a later stage ran on them.
+    stage1_kept: np.ndarray | None = None
+    #: The first stage's scores of every candidate (its batch is the whole request),
+    #: when it ran: what model monitoring counts (app/drift.py). Never sent.
+    stage1_scores: np.ndarray | None = None
+    #: The A/B variant (or ``stable`` / ``canary``) that answered; set by the Farm.
+    variant: str = ""
 
     @property
     def degraded(self) -> bool:
@@ -158,7 +169,7 @@ class Pipeline:
         breakers: Mapping[str, Breaker] | None = None,
         fallback: Scorer | None = None,
         on_failure: Callable[[str, str], None] | None = None,
-        on_scores: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -175,9 +186,8 @@ class Pipeline:
         #: (scorer key, ``stage_error`` | ``stage_timeout``) -> count, for /stats and metrics.
         self.failures: Counter[tuple[str, str]] = Counter()
         self.on_failure = on_failure
-        #: Called with (scorer key, ids, scores) of the first stage's batch, which is the
-        #: whole request (later stages score survivors): model monitoring (app/drift.py).
-        self.on_scores = on_scores
+        #: A span per stage (``Config.tracing``), a child of the current request's span.
+        self.tracer = tracer
 
     def resolve_ks(
         self, n: int, top_k: int, stage1_k: int | None, multi_stage: bool = True
@@ -259,11 +269,14 @@ class Pipeline:
         alive = np.arange(n)
         scores = np.empty(0, dtype=np.float32)
         after_stage1 = n
-        first_scores: np.ndarray | None = None  # the whole request's, for on_scores
         models: list[str] = []
         answered, reason = None, None
+        stage1_kept = stage1_scores = None
         for i, stage in enumerate(stages):
             t0 = time.perf_counter()
+            span = None
+            if self.tracer is not None:
+                span = self.tracer.start_stage(i + 1 + offset, stage.scorer.key, len(alive))
             last = i == len(stages) - 1
             keep = top_k if last else (stage1_k if i == 0 else (stage.keep_k or len(alive)))
             batch = ids if len(alive) == n else ids[alive]
@@ -271,6 +284,8 @@ class Pipeline:
             try:
                 stage_scores = self._run(stage.scorer, batch, deadline)
             except _Skipped as skip:
+                if span is not None:
+                    span.skip(skip.reason)
                 if skip.reason == "stage_error" and self.fallback is None and answered is None:
                     raise skip.cause from skip  # nothing else can answer: the model error
                 reason = skip.reason
@@ -285,7 +300,8 @@ class Pipeline:
                 alive, scores = alive[best], stage_scores[best]
             if i == 0:
                 after_stage1 = len(alive) if not last else n
-                first_scores = stage_scores
+                stage1_kept = None if last else alive
+                stage1_scores = stage_scores
             stage_s = time.perf_counter() - t0
             slot = i + 1 + offset
             latency[f"stage{slot}_ms"] = stage_s * 1e3
@@ -293,8 +309,8 @@ class Pipeline:
             timings[f"stage{slot}_cut_ms"] = (stage_s - model_s) * 1e3
             models.append(stage.scorer.key)
             answered = slot
-        if first_scores is not None and self.on_scores is not None:
-            self.on_scores(stages[0].scorer.key, ids, first_scores)
+            if span is not None:
+                span.end(len(alive))
         fallback = None
         if reason is not None:
             alive, scores, fallback = self._degrade(ids, alive, scores, answered, top_k, reason)
@@ -312,6 +328,8 @@ class Pipeline:
             answered_by="fallback" if answered is None else f"stage{answered}",
             reason=reason,
             fallback=fallback,
+            stage1_kept=stage1_kept,
+            stage1_scores=stage1_scores,
         )
 
     def _degrade(

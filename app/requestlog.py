@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     reason TEXT,
     outcome TEXT,                -- within / over / failed / invalid (app/goodput.py)
     error_code TEXT,
+    variant TEXT,                -- the A/B variant (stable, canary, ...) that answered
     pid INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE} (ts);
@@ -69,6 +70,7 @@ COLUMNS = (
     "reason",
     "outcome",
     "error_code",
+    "variant",
     "pid",
 )
 _INSERT = f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -91,6 +93,7 @@ class Row(NamedTuple):
     reason: str | None
     outcome: str | None
     error_code: str | None
+    variant: str | None
     pid: int
 
 
@@ -137,6 +140,12 @@ def create(path: Path) -> None:
 def _db_row(row: Row) -> tuple[Any, ...]:
     stage = None if row.stage_ms is None else msgspec.json.encode(row.stage_ms).decode()
     return (*row[:7], stage, row.models, int(row.degraded), *row[10:])
+
+
+def export_zeros() -> None:
+    """Create the row counters (at 0), so they are exported before the first row."""
+    for result in ("written", "dropped", "failed"):
+        metrics.REQUEST_LOG_ROWS.labels(result)
 
 
 class RequestLog:

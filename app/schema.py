@@ -21,6 +21,10 @@ REQUEST_ID_MAX = 128
 
 
 # -- requests ------------------------------------------------------------------------------
+#: A/B split key (a user or session id): the same key always lands on the same variant.
+UserKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
 class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
     candidates: msgspec.Raw
     top_k: PositiveInt | None = None
@@ -28,6 +32,8 @@ class RankRequest(msgspec.Struct, forbid_unknown_fields=True):
     multi_stage: bool = True
     #: Budget for the whole request, counted from when nginx received it.
     timeout_ms: TimeoutMs | None = None
+    #: A/B key (or the ``X-User-Key`` header); without one, the request id decides.
+    user_key: UserKey | None = None
 
 
 class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -37,6 +43,7 @@ class PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
     candidate: msgspec.Raw = msgspec.Raw()
     model: str | None = None
     timeout_ms: TimeoutMs | None = None
+    user_key: UserKey | None = None
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -68,12 +75,15 @@ class RankResponse(msgspec.Struct):
     reason: str | None = None
     #: The fallback ranking used (``popular``), when ``answered_by`` is ``fallback``.
     fallback: str | None = None
+    #: The variant that answered (``stable`` without A/B; ``canary`` during a rollout).
+    variant: str = ""
 
 
 class PredictResponse(msgspec.Struct):
     ctr: list[float]
     model: str
     version: str
+    variant: str = ""
 
 
 class ErrorDetail(msgspec.Struct):
@@ -260,5 +270,52 @@ class ModelSummary(msgspec.Struct):
     stages: list[int]
 
 
+class RejectedVersion(msgspec.Struct):
+    """A model version that failed validation (at boot or reload) and does not serve."""
+
+    name: str
+    version: str
+    reason: str
+
+
+class ReloadStatus(msgspec.Struct):
+    """The outcome of this worker's last reload."""
+
+    #: Unix time the reload finished.
+    at: float
+    #: The lineup serving after it (1 at boot, +1 per reload that changed a version).
+    generation: int
+    #: ``name/version`` of the versions it brought in (empty: nothing new).
+    changed: list[str]
+    rejected: list[RejectedVersion]
+    seconds: float
+
+
+class CanaryStatus(msgspec.Struct):
+    """Where the canary rollout is (the leading worker's view, shared by all)."""
+
+    status: str
+    step: int
+    weight: float
+    reason: str | None = None
+    figures: dict[str, Any] = {}
+
+
+class TrafficStatus(msgspec.Struct):
+    #: Share of keys per variant now.
+    weights: dict[str, float]
+    #: ``name/version`` of the models behind each variant.
+    lineups: dict[str, list[str]]
+    #: The shadow lineup's models (compared off the request path), if any.
+    shadow: list[str] | None = None
+    canary: CanaryStatus | None = None
+
+
 class ModelsResponse(msgspec.Struct):
     models: list[ModelSummary]
+    #: This worker's lineup generation (see ReloadStatus).
+    generation: int = 0
+    rejected: list[RejectedVersion] = []
+    last_reload: ReloadStatus | None = None
+    pid: int = 0
+    traffic: TrafficStatus | None = None

@@ -76,7 +76,12 @@ def session_options(intra_threads: int, inter_threads: int) -> ort.SessionOption
 
 
 def read_card(model_dir: Path) -> ModelCard:
+    """The card of a version dir, or of a model repository's newest version."""
     path = model_dir / CARD_FILE
+    if not path.exists() and model_dir.is_dir():
+        from app.registry import newest  # (registry builds on this module)
+
+        path = newest(model_dir) / CARD_FILE
     try:
         return msgspec.json.decode(path.read_bytes(), type=ModelCard)
     except (OSError, msgspec.MsgspecError) as exc:
@@ -268,6 +273,7 @@ class LoadedModel:
         for sess in self._sessions:
             self._free.put(sess)
         self._input, self._output = self.card.input.name, self.card.output.name
+        metrics.session_wait_child(self.key)  # exported from 0, before the first wait
 
     @property
     def key(self) -> str:

@@ -15,6 +15,7 @@ workers' files), so any worker answers for the whole farm. What the figures mean
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -92,7 +93,7 @@ def build(
 ) -> StatsResponse:
     """The summary; ``oov_ids`` lists ``fields`` (the served models' fields)."""
     now = time.time() if now is None else now
-    ready_since = [v for _, v in samples.select("ctr_farm_start_time_seconds") if v > 0]
+    ready_since = [v for _, v in samples.select("ctr_farm_start_time_seconds") if 0 < v < math.inf]
     since = min(ready_since) if ready_since else None
     stages: dict[str, dict[str, LatencySummary]] = {}
     for labels, _ in samples.select("ctr_farm_stage_duration_seconds_count"):

@@ -74,6 +74,10 @@ class SlidingCounts:
             self._advance()
             return self._ring.sum(axis=0)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._ring[:] = 0.0
+
 
 def covered_s(window_s: float, slices: int, now: float, since: float | None = None) -> float:
     """Seconds a window published at ``now`` covers: its full slices plus the current one
@@ -102,6 +106,11 @@ class PublishedWindow:
             for i in np.flatnonzero(totals != self._last):
                 self._children[i].set(float(totals[i]))  # type: ignore[attr-defined]
             self._last = totals
+
+    def clear(self) -> None:
+        """Zero the window and publish the zeros (a retired window leaves the sums)."""
+        self.counts.clear()
+        self.publish()
 
 
 class Publisher:

@@ -81,9 +81,10 @@ def micro(config: Config, number: int = 2000, repeats: int = 7) -> dict[str, flo
     with tempfile.TemporaryDirectory(prefix="obs-bench-") as tmp:
         sink = RequestLog(Path(tmp) / "requests.db", queue_size=1_000_000)
         sink.start()
-        row = Row("bench", time.time(), "/rank", 200, 1000, 9.0, 0.5,
-                  {"stage1_ms": 1.0, "stage2_ms": 7.0, "total_ms": 8.5},
-                  "deepfm/1,autoint/1", False, "stage2", None, "within", None, 1)  # fmt: skip
+        stage_ms = {"stage1_ms": 1.0, "stage2_ms": 7.0, "total_ms": 8.5}
+        models = "deepfm/1,autoint/1"
+        row = Row("bench", time.time(), "/rank", 200, 1000, 9.0, 0.5, stage_ms, models,
+                  False, "stage2", None, "within", None, "stable", 1)  # fmt: skip
         out["request_log_record_us"] = per_call_us(lambda: sink.record(row), number, repeats)
         sink.close()
     drift.publish()

@@ -9,6 +9,8 @@ of neighbouring versions still understand each other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -38,12 +40,15 @@ class RankResponse(msgspec.Struct):
     answered_by: str = ""
     reason: str | None = None
     fallback: str | None = None
+    #: The variant that answered (``stable`` without A/B; ``canary`` during a rollout).
+    variant: str = ""
 
 
 class PredictResponse(msgspec.Struct):
     ctr: list[float]
     model: str
     version: str
+    variant: str = ""
 
 
 class ErrorDetail(msgspec.Struct):
@@ -94,5 +99,45 @@ class ModelSummary(msgspec.Struct):
     stages: list[int]
 
 
+class RejectedVersion(msgspec.Struct):
+    """A model version that failed validation (at boot or reload) and does not serve."""
+
+    name: str
+    version: str
+    reason: str
+
+
+class ReloadStatus(msgspec.Struct):
+    """The outcome of a worker's last reload."""
+
+    at: float
+    generation: int
+    changed: list[str]
+    rejected: list[RejectedVersion]
+    seconds: float
+
+
+class CanaryStatus(msgspec.Struct):
+    """Where the canary rollout is (the leading worker's view, shared by all)."""
+
+    status: str
+    step: int
+    weight: float
+    reason: str | None = None
+    figures: dict[str, Any] = {}
+
+
+class TrafficStatus(msgspec.Struct):
+    weights: dict[str, float]
+    lineups: dict[str, list[str]]
+    shadow: list[str] | None = None
+    canary: CanaryStatus | None = None
+
+
 class ModelsResponse(msgspec.Struct):
     models: list[ModelSummary]
+    generation: int = 0
+    rejected: list[RejectedVersion] = []
+    last_reload: ReloadStatus | None = None
+    pid: int = 0
+    traffic: TrafficStatus | None = None

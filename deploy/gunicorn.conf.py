@@ -6,8 +6,10 @@ ONNX Runtime sessions are created in the ASGI lifespan startup, i.e. after fork;
 nothing heavy is preloaded (ORT thread pools do not survive fork).
 """
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -73,6 +75,18 @@ def on_starting(server):
     """Start with an empty metrics directory: counters begin at zero with the master."""
     shutil.rmtree(_config.metrics_path, ignore_errors=True)
     _config.metrics_path.mkdir(parents=True)
+    # SIGHUP reloads models inside each worker (app/lifecycle.py), not gunicorn's own
+    # HUP: that re-forks every worker, and a new worker whose model fails to load
+    # stops the whole farm instead of leaving the old version serving.
+    server.handle_hup = lambda: _forward_hup(server)
+
+
+def _forward_hup(server):
+    server.log.info("SIGHUP: reloading models in %d workers", len(server.WORKERS))
+    for pid in list(server.WORKERS):
+        # A worker gone since then is replaced, and its replacement loads the newest.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
 
 
 def child_exit(server, worker):

@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="candidates per /rank")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--capacity-s", type=float, default=5.0)
-    parser.add_argument("--overload-s", type=float, default=20.0)
+    parser.add_argument("--overload-s", type=float, default=10.0, help="per round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="overload phases, each between two capacity phases"
+    )
     parser.add_argument("--max-conns", type=int, default=0, help="upstream_max_conns")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -44,6 +47,7 @@ def main() -> None:
             n=args.n,
             capacity_s=args.capacity_s,
             overload_s=args.overload_s,
+            rounds=args.rounds,
         )
     text = json.dumps(figures.as_dict(), indent=2)
     print(text)

@@ -22,7 +22,12 @@ def error_code(result: falcon.testing.Result) -> str:
 
 def test_admin_is_forbidden_without_a_configured_token(make_config, make_farm) -> None:
     client, _ = admin_client(make_config, make_farm, "")
-    for method, path in (("GET", "/admin/config"), ("POST", "/admin/breakers/reset")):
+    routes = (
+        ("GET", "/admin/config"),
+        ("POST", "/admin/breakers/reset"),
+        ("POST", "/admin/reload"),
+    )
+    for method, path in routes:
         result = client.simulate_request(method, path, headers={"Authorization": "Bearer "})
         assert result.status_code == 403 and error_code(result) == "forbidden"
 
@@ -56,3 +61,14 @@ def test_breaker_reset_closes_every_breaker(make_config, make_farm) -> None:
     assert result.status_code == 200
     assert {b["state"] for b in result.json["breakers"].values()} == {"closed"}
     assert breaker.allow()
+
+
+def test_reload_answers_with_this_workers_outcome(make_config, make_farm) -> None:
+    client, farm = admin_client(make_config, make_farm, "t")
+    assert client.simulate_post("/admin/reload").status_code == 401
+    result = client.simulate_post("/admin/reload", headers={"Authorization": "Bearer t"})
+    assert result.status_code == 200
+    assert result.json["generation"] == farm.generation == 1
+    assert result.json["changed"] == [] and result.json["rejected"] == []
+    models = client.simulate_get("/models").json
+    assert models["last_reload"] == result.json and models["generation"] == 1

@@ -148,8 +148,9 @@ def test_predict_response_shape(client, ctype: str) -> None:
     result = post(client, "/predict", {"candidates": ROWS[:3], "model": "deepfm"}, ctype)
     assert result.status_code == 200
     body = decoded(result)
-    assert set(body) == {"ctr", "model", "version"}
-    assert (body["model"], body["version"]) == ("deepfm", "1")
+    assert set(body) == {"ctr", "model", "version", "variant"}
+    assert (body["model"], body["version"], body["variant"]) == ("deepfm", "1", "stable")
+    assert result.headers["X-Variant"] == "stable"
     assert len(body["ctr"]) == 3
     one = decoded(post(client, "/predict", {"candidate": as_form(ROWS[1:2], "objects")[0]}, ctype))
     assert one["model"] == "autoint"

@@ -198,6 +198,10 @@ def test_bool_env_typo_is_an_error_naming_the_setting(raw: str) -> None:
         ({"drift_psi_alert": -1}, {}, "drift_psi_alert"),
         ({"drift_window_s": 1}, {}, "drift_window_s"),
         ({"drift_sample_every": 0}, {}, "drift_sample_every"),
+        ({"tracing": "jaeger"}, {}, "tracing"),
+        ({}, {"CTR_FARM_TRACE_SAMPLE_RATIO": "1.5"}, "trace_sample_ratio"),
+        ({"trace_sample_ratio": -0.1}, {}, "trace_sample_ratio"),
+        ({"tracing": "otlp", "otlp_endpoint": "localhost:4318"}, {}, "otlp_endpoint"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_setting(
@@ -266,8 +270,13 @@ def test_config_is_frozen() -> None:
             "warmup_runs": 0,
             "nginx_bin": "/usr/sbin/nginx",
         },
+        {
+            "tracing": "otlp",
+            "otlp_endpoint": "https://otel:4318/v1/traces",
+            "trace_sample_ratio": 0.25,
+        },
     ],
-    ids=["defaults", "ints-and-bools", "three-stages", "one-stage", "paths-and-network"],
+    ids=["defaults", "ints-and-bools", "three-stages", "one-stage", "paths-and-network", "tracing"],
 )
 def test_to_env_round_trips(overrides: dict[str, Any]) -> None:
     config = load(overrides=overrides, env={})
@@ -289,7 +298,7 @@ def test_relative_paths_resolve_against_the_repo_root() -> None:
     config = load(overrides={"deepfm_model": "/abs/deepfm/1", "run_dir": "run-x"}, env={})
     dirs = config.model_dirs()
     assert dirs["deepfm"] == Path("/abs/deepfm/1")
-    assert dirs["autoint"] == REPO_ROOT / "models" / "autoint" / "1"
+    assert dirs["autoint"] == REPO_ROOT / "models" / "autoint"
     assert config.run_path == REPO_ROOT / "run-x"
     assert config.worker_socket(1) == REPO_ROOT / "run-x" / "worker-1.sock"
     assert config.shared_socket == REPO_ROOT / "run-x" / "gunicorn.sock"
@@ -410,3 +419,36 @@ def test_bad_front_proxy_limits_name_the_setting(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(setting)):
         load(overrides=overrides, env=env)
+
+
+# -- tracing -------------------------------------------------------------------------------
+def test_tracing_is_off_by_default_and_set_from_env() -> None:
+    assert load(env={}).tracing == "off"
+    env = {"CTR_FARM_TRACING": "otlp", "CTR_FARM_TRACE_SAMPLE_RATIO": "0.1"}
+    config = load(env=env)
+    assert (config.tracing, config.trace_sample_ratio) == ("otlp", 0.1)
+    assert config.otlp_endpoint == "http://127.0.0.1:4318/v1/traces"
+
+
+@pytest.mark.parametrize(
+    ("mode", "missing"),
+    [
+        ("stdout", "opentelemetry.sdk"),
+        ("otlp", "opentelemetry.sdk"),
+        ("otlp", "opentelemetry.exporter.otlp"),
+        ("stdout", "opentelemetry"),
+    ],
+)
+def test_tracing_without_its_packages_stops_the_boot(
+    monkeypatch: pytest.MonkeyPatch, mode: str, missing: str
+) -> None:
+    """As if the ``tracing`` extra were not installed (a None entry in sys.modules is
+    what ``import`` and ``find_spec`` treat as absent)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, missing, None)
+    with pytest.raises(ConfigError, match=r"tracing: .*\[tracing\]"):
+        load(overrides={"tracing": mode}, env={})
+    assert load(env={}).tracing == "off"  # off needs none of it

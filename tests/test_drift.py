@@ -255,3 +255,34 @@ def test_a_card_without_distribution_is_served_unmonitored(make_farm, config) ->
     assert farm.ready and farm.drift.models == {}
     report = farm.drift.report(Samples(metrics.collect()))
     assert report == {}
+
+
+def test_a_reload_moves_monitoring_to_the_new_version(tmp_path: Path, make_farm) -> None:
+    """A version retired by a reload leaves /stats and its window gauges go to zero."""
+    write_model(tmp_path, "deepfm", seed=1, distribution=DISTRIBUTION)
+    write_model(tmp_path, "autoint", seed=2, distribution=DISTRIBUTION)
+    config = load(
+        overrides={
+            "deepfm_model": str(tmp_path / "deepfm"),  # repositories: the newest serves
+            "autoint_model": str(tmp_path / "autoint"),
+            "warmup_runs": 0,
+            "drift_sample_every": 1,
+        },
+        env={},
+    )
+    farm = make_farm(config)
+    ids, _ = sample_rows(50, seed=5)
+    request = msgspec.json.decode(
+        msgspec.json.encode({"candidates": ids.tolist()}), type=RankRequest
+    )
+    farm.rank(request, "json")
+    old = farm.drift.models["deepfm/1"]
+    assert window_rows(farm, "deepfm/1") == 50
+    write_model(tmp_path, "deepfm", version="2", seed=3, distribution=DISTRIBUTION)
+    assert farm.reload().changed == ["deepfm/2"]
+    assert set(farm.drift.models) == {"deepfm/2", "autoint/1"}
+    assert old.window.counts.totals().sum() == 0  # published as zeros: it leaves the sums
+    farm.rank(request, "json")
+    assert window_rows(farm, "deepfm/2") == 50
+    report = farm.drift.report(Samples(metrics.collect()))
+    assert "deepfm/1" not in report

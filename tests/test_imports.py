@@ -29,8 +29,10 @@ SERVING = [
     "app.drift",
     "app.requestlog",
     "app.stats",
+    "app.tracing",
 ]
-FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline"]
+#: opentelemetry: imported only when a worker builds its tracer (Config.tracing on).
+FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline", "opentelemetry"]
 
 
 def imported_after(modules: list[str]) -> set[str]:

@@ -112,3 +112,11 @@ def test_processes_sum_and_a_dead_one_leaves_the_live_gauges(
     window = samples.by_label("ctr_farm_window_requests", "outcome", endpoint="/rank")
     assert window["within"] == 4
     assert samples.total("ctr_farm_workers") == 1
+
+
+def test_computed_families_replace_their_declarations() -> None:
+    """/metrics declares the drift gauges once: the computed family, not an empty twin."""
+    extra = [metrics.computed(metrics.DRIFT_STATE, [(("m/1",), 2)])]
+    text = metrics.render(metrics.with_computed(metrics.collect(), extra)).decode()
+    assert text.count("# HELP ctr_farm_drift_state ") == 1
+    assert 'ctr_farm_drift_state{model="m/1"} 2.0' in text

@@ -32,6 +32,7 @@ def rank_row(i: int, t: float, latency_ms: float, **changes: object) -> Row:
         reason=None,
         outcome="within" if latency_ms + 1.0 <= 50 else "over",
         error_code=None,
+        variant="stable",
         pid=100 + i % 2,
     )
     return row._replace(**changes)

@@ -39,6 +39,7 @@ def row(i: int, **changes: object) -> Row:
         reason=None,
         outcome="within",
         error_code=None,
+        variant="stable",
         pid=4242,
     )
     return base._replace(**changes)
@@ -91,6 +92,7 @@ def test_rows_are_written_with_every_field(tmp_path: Path) -> None:
         "reason": None,
         "outcome": "within",
         "error_code": None,
+        "variant": "stable",
         "pid": 4242,
     }
     assert msgspec.json.decode(first["stage_ms"]) == row(1).stage_ms

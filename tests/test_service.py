@@ -76,9 +76,9 @@ def test_each_model_is_loaded_once(make_config: Callable[..., Config]) -> None:
     )
     loaded: list[str] = []
 
-    def factory(name: str, cfg: Config):
+    def factory(name: str, model_dir: Path, cfg: Config):
         loaded.append(name)
-        return load_model(name, cfg)
+        return load_model(name, model_dir, cfg)
 
     farm = Farm(config, model_factory=factory)
     farm.load()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from app.offline import logs
+from app.offline.evaluate import CTR_EDGES, auc, logloss
 from app.sessions import sha256_of
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "ids", "ctr"
 N_FIELDS = len(logs.FIELDS)
 VOCAB_SIZES: tuple[int, ...] = tuple(f.cardinality for f in logs.FIELDS)
-#: Fixed log-spaced edges for the predicted-CTR histogram (PSI drift monitoring).
-CTR_EDGES: tuple[float, ...] = (0.0, *np.logspace(-5.0, 0.0, 20).tolist())
 TOP_IDS = 20
 ARCHITECTURES = {"deepfm": "DeepFM", "autoint": "AutoInt"}
 
@@ -311,28 +310,6 @@ def make_datasets(cfg: DataConfig) -> Datasets:
         one(cfg.rows_valid, cfg.seed_valid, None),
         one(cfg.rows_test, cfg.seed_test, None),
     )
-
-
-# -- metrics -------------------------------------------------------------------------------
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC via the Mann-Whitney rank sum, with tied scores given their average rank."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels) > 0.5
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative labels")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    # Average 1-based rank of each distinct score: end of its run minus half the run.
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    rank_sum = float(avg_rank[inverse][labels].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def logloss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0 - eps)
-    y = np.asarray(labels, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
 # -- training ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from app import registry
 from app.config import REPO_ROOT, load
 from app.schema import PredictRequest, RankRequest
 from app.service import Farm
@@ -46,8 +47,10 @@ def peers_venv() -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Config overrides pointing at a snapshot of the served models (retrain-proof)."""
-    return snapshot_models(tmp_path_factory.mktemp("peer-models"))
+    """Config overrides pinning a snapshot of the served versions (retrain-proof; the
+    peers take a version dir, not a repository)."""
+    repos = snapshot_models(tmp_path_factory.mktemp("peer-models"))
+    return {key: str(registry.newest(Path(repo))) for key, repo in repos.items()}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""Smoke runs of the benchmark scripts on a tiny grid, so they never rot.
+"""Smoke runs of ``ctr-farm bench`` and ``ctr-farm sweep`` on a tiny grid, so they never rot.
 
-They assert the scripts run end to end and report sane figures, not speed.
+They assert the commands run end to end through the real stack and report sane figures,
+not speed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def run_script(*args: str) -> str:
     return run_proc(*args).stdout
 
 
-#: scripts/bench_ranking.py --quick's grid (keep in step with its QUICK).
+#: `ctr-farm bench --quick`'s grid (keep in step with benchmarks/study.py's QUICK).
 QUICK_NS, QUICK_STAGE1_KS, QUICK_INTRAS, QUICK_FIDELITY_N = (50, 100), (20, 100), (1, 2), 100
 PARTS = ("decode", "stage1_model", "stage1_cut", "stage2_model", "stage2_cut", "encode")
 
@@ -36,12 +37,13 @@ def check_stats(stats: dict) -> None:
 
 def test_bench_ranking_quick(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_proc("scripts/bench_ranking.py", "--quick", "--out", str(out))
+    proc = run_proc("-m", "app", "bench", "--quick", "--out", str(out))
     for title in ("End-to-end latency", "Speedup single/multi", "per-stage breakdown"):
         assert title in proc.stdout
     assert "HTTP overhead" in proc.stdout
     assert "Fidelity @10" in proc.stdout
     report = json.loads((out / "results.json").read_text())
+    assert report["command"] == f"ctr-farm bench --quick --out {out}"  # how to rerun it
     assert (out / "report.md").read_text().startswith("# Ranking latency study")
 
     # Every grid cell, once.
@@ -118,7 +120,9 @@ def test_bench_ranking_without_matplotlib(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
     out = tmp_path / "out"
     proc = run_proc(
-        "scripts/bench_ranking.py",
+        "-m",
+        "app",
+        "bench",
         "--quick",
         "--skip-http",
         "--skip-fidelity",
@@ -139,7 +143,9 @@ def test_bench_ranking_without_matplotlib(tmp_path: Path) -> None:
 def test_sweep_tiny(tmp_path: Path) -> None:
     out = tmp_path / "sweep.csv"
     run_script(
-        "scripts/sweep.py",
+        "-m",
+        "app",
+        "sweep",
         "--endpoint",
         "predict",
         "--workers",

@@ -13,7 +13,7 @@ import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from app import registry
 from app.config import Config, load
 from app.schema import CardField, ModelCard
 from app.sessions import CARD_FILE, MODEL_FILE, read_card
@@ -38,13 +39,15 @@ TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 # -- the stack -------------------------------------------------------------------------------
 def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
-    """Copy each served model (card + onnx) to ``dest``; the config overrides that use it.
+    """Copy each served model version (card, onnx, golden request) into a repository
+    under ``dest``; the config overrides that serve from it (newest version, reloadable).
 
     A retrain may be rewriting ``models/`` right now: copy until the copied model's
     sha256 matches the copied card (bounded retries).
     """
     overrides: dict[str, str] = {}
-    for name, src in load(env={}).model_dirs().items():
+    for name, setting in load(env={}).model_dirs().items():
+        src = registry.newest(setting)
         out = dest / name / src.name
         out.mkdir(parents=True, exist_ok=True)
         for _ in range(attempts):
@@ -58,24 +61,31 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
             pytest.fail(f"{src}: model.onnx never matched card.json's sha256 (retrain running?)")
         (out / CARD_FILE).write_bytes(card_bytes)
         (out / MODEL_FILE).write_bytes(model_bytes)
-        overrides[f"{name}_model"] = str(out)
+        if (src / registry.GOLDEN_FILE).is_file():
+            shutil.copy(src / registry.GOLDEN_FILE, out / registry.GOLDEN_FILE)
+        overrides[f"{name}_model"] = str(dest / name)
     return overrides
 
 
 def start_stack(
     request: pytest.FixtureRequest,
     prefix: str = "farm-",
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
 ) -> Iterator[Stack]:
-    """A real stack on a free loopback port over a snapshot of the real models, with
-    2 workers and ``settings`` on top.
+    """A real stack on a free loopback port over a snapshot of the real models.
 
-    The run dir (sockets, logs, access.log) is removed afterwards unless a test failed.
+    ``settings`` override the config; a callable gets the snapshot's models dir first
+    (to add versions to it) and returns them. The run dir (sockets, logs, access.log)
+    is removed afterwards unless a test failed.
     """
     run_dir = Path(tempfile.mkdtemp(prefix=prefix))  # short: unix socket paths < 107 bytes
-    overrides = {"workers": 2, **snapshot_models(run_dir / "models"), **(settings or {})}
+    overrides = snapshot_models(run_dir / "models")
+    if callable(settings):
+        settings = settings(run_dir / "models")
     failed_before = request.session.testsfailed
-    with running(run_dir, overrides, timeout_s=180.0) as stack:
+    with running(
+        run_dir, {"workers": 2, **overrides, **(settings or {})}, timeout_s=180.0
+    ) as stack:
         yield stack
     if request.session.testsfailed == failed_before:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -197,7 +207,8 @@ class Reference:
         self.config = config
         self.cards = cards
         self.sessions: dict[str, ort.InferenceSession] = {}
-        for name, path in config.model_dirs().items():
+        for name, setting in config.model_dirs().items():
+            path = registry.newest(setting)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             opts.inter_op_num_threads = 1

@@ -16,6 +16,7 @@ import httpx
 import msgspec
 import pytest
 
+from app import registry
 from app.config import Config
 from app.schema import ModelCard
 from app.sessions import MODEL_FILE
@@ -153,7 +154,7 @@ def test_models_match_the_cards(
     assert sorted(models) == sorted(loaded_models(config)) == sorted(["deepfm", "autoint"])
     for name, summary in models.items():
         card = cards[name]
-        served = config.model_dirs()[name] / MODEL_FILE
+        served = registry.newest(config.model_dirs()[name]) / MODEL_FILE
         assert summary["sha256"] == card.sha256
         assert summary["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
         assert summary["version"] == card.version

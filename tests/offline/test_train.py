@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from app.catalog import validate  # noqa: E402
+from app.config import load  # noqa: E402
 from app.offline import logs  # noqa: E402
 from app.offline import train as trainer  # noqa: E402
 
@@ -56,16 +58,6 @@ def data() -> trainer.Datasets:
     return trainer.make_datasets(DATA_CFG)
 
 
-def test_auc_matches_pairwise_definition() -> None:
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 5, 300).astype(np.float64)  # many ties
-    labels = rng.random(300) < 0.3
-    pos, neg = scores[labels], scores[~labels]
-    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert trainer.auc(scores, labels) == pytest.approx(pairwise)
-    assert trainer.auc(np.arange(4.0), np.array([0, 0, 1, 1])) == 1.0
-
-
 def test_calibration_intercept_matches_mean_ctr() -> None:
     rng = np.random.default_rng(1)
     logits = rng.normal(-4.0, 1.0, 50_000)
@@ -98,6 +90,9 @@ def test_train_export_serve(name: str, data: trainer.Datasets, tmp_path: Path) -
     expected_shift = math.log(data.neg_sampling_rate) + calibration["intercept"]
     assert calibration["logit_shift"] == pytest.approx(expected_shift)
     assert summary["onnx_max_abs_diff"] < 1e-5
+    # What a worker would check before serving it: `ctr-farm models validate` passes.
+    check = validate(tmp_path / name / "7", load(env={}))
+    assert check.ok, check.error
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     ids = data.test.ids[:257]
