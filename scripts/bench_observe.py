@@ -10,9 +10,11 @@ See benchmarks/observe.py for what is measured.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,9 +26,10 @@ from app.config import PROMETHEUS_ENV
 # prometheus_client picks its multiprocess value class when first imported: set the
 # directory before anything imports it, so the figures are a worker's.
 os.environ[PROMETHEUS_ENV] = tempfile.mkdtemp(prefix="obs-metrics-")
+atexit.register(shutil.rmtree, os.environ[PROMETHEUS_ENV], ignore_errors=True)
 
-from app.config import load
-from benchmarks.observe import ab, micro, text
+from app.config import load  # noqa: E402
+from benchmarks.observe import ab, micro, text  # noqa: E402
 
 
 def main() -> None:
