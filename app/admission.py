@@ -76,6 +76,7 @@ class Admission:
         retry_after_s: int = 1,
         headroom: float = 0.1,
         thread_name: str = "infer",
+        on_start: Callable[[float], None] | None = None,
     ) -> None:
         self.slots = slots
         self.max_queue = max_queue
@@ -83,6 +84,8 @@ class Admission:
         self.aging_ms = aging_ms
         self.retry_after_s = retry_after_s
         self.headroom = headroom
+        #: Called with the seconds a job waited, when its thread starts it (a metric).
+        self.on_start = on_start
         #: Thread time / estimated cost, a moving average.
         self.scale = 1.0
         self.running = 0
@@ -191,6 +194,8 @@ class Admission:
                         return
                     self._cv.wait()
                     job = self._next()
+            if self.on_start is not None:
+                self.on_start(time.monotonic() - job.enqueued)
             t0 = time.perf_counter()
             try:
                 result, error = job.fn(*job.args), None

@@ -20,10 +20,11 @@ import falcon
 import falcon.asgi
 import msgspec
 
-from app import metrics
+from app import metrics, stats
 from app.admin import register as register_admin
 from app.config import Config
-from app.deadlines import START_HEADER, TIMEOUT_HEADER, Deadline, parse_timeout
+from app.deadlines import START_HEADER, TIMEOUT_HEADER, Deadline, parse_start, parse_timeout
+from app.drift import DriftMonitor
 from app.errors import (
     FarmError,
     MalformedBody,
@@ -35,9 +36,11 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.features import DECODE_ERRORS, ContentKind, error_from_msgspec
+from app.goodput import Goodput
 from app.lifecycle import DRAIN, RELOAD
 from app.openapi import register as register_openapi
 from app.pipeline import RankResult
+from app.requestlog import RequestLog, RequestLogError, Row, export_zeros
 from app.schema import (
     REQUEST_ID_MAX,
     ErrorBody,
@@ -53,6 +56,7 @@ from app.schema import (
     ReadyResponse,
 )
 from app.service import Farm
+from app.window import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +130,16 @@ async def read_body(req: falcon.asgi.Request, limit: int) -> bytes:
 
 class RequestContext:
     """Per request: echo a well-formed ``X-Request-ID`` or mint one (it rides on every
-    response), and record the request's metrics (and span, when tracing) when it is
-    answered."""
+    response), and record the request's metrics, SLA outcome and request-log row (and
+    span, when tracing) when it is answered."""
 
-    def __init__(self, farm: Farm) -> None:
+    def __init__(self, farm: Farm, goodput: Goodput, request_log: RequestLog | None = None) -> None:
         self.farm = farm
+        self.goodput, self.request_log = goodput, request_log
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.t0 = time.perf_counter()
+        req.context.t_wall = time.time()
         metrics.IN_FLIGHT.inc()
         rid = req.get_header("X-Request-ID")
         if rid is None or not _REQUEST_ID_RE.match(rid):
@@ -173,6 +179,8 @@ class RequestContext:
         elapsed = time.perf_counter() - t0
         metrics.requests_child(endpoint, str(status), model).inc()
         metrics.latency_child(endpoint).observe(elapsed)
+        if endpoint in self.goodput.sla_ms:
+            self._observe(req, endpoint, status, elapsed, result, model, code)
         span = req.context.get("span")
         if span is not None:
             span.end(endpoint, status, code, result, model)
@@ -181,6 +189,44 @@ class RequestContext:
             resp.set_header(VARIANT_HEADER, variant)
             if self.farm.split:
                 self._record_variant(req, variant, endpoint, status, result, elapsed)
+
+    def _observe(
+        self,
+        req: falcon.asgi.Request,
+        endpoint: str,
+        status: int,
+        elapsed_s: float,
+        result: RankResult | None,
+        model: str,
+        code: str | None,
+    ) -> None:
+        """SLA outcome (timed from nginx's receipt) and the request-log row."""
+        t_wall = req.context.t_wall
+        waited_s = parse_start(req.get_header(START_HEADER), t_wall)
+        outcome = self.goodput.record(endpoint, status, (waited_s + elapsed_s) * 1e3)
+        if self.request_log is None:
+            return
+        scores = req.context.get("ctr")  # /predict's
+        self.request_log.record(
+            Row(
+                request_id=req.context.request_id,
+                ts=t_wall,
+                endpoint=endpoint,
+                status=status,
+                n_candidates=result.n_input if result else None if scores is None else len(scores),
+                latency_ms=elapsed_s * 1e3,
+                queue_ms=waited_s * 1e3,
+                stage_ms=result.latency if result else None,
+                models=",".join(result.models) if result else model,
+                degraded=result.degraded if result else False,
+                answered_by=result.answered_by if result else None,
+                reason=result.reason if result else None,
+                outcome=outcome,
+                error_code=code,
+                variant=req.context.get("variant"),
+                pid=os.getpid(),
+            )
+        )
 
     @staticmethod
     def _record_variant(
@@ -207,24 +253,36 @@ class RequestContext:
 
 
 class Lifecycle:
-    """ASGI lifespan: sessions are created here, i.e. inside the forked worker."""
+    """ASGI lifespan: sessions are created here, i.e. inside the forked worker; so are the
+    window publisher and request-log threads, stopped (and flushed) after the farm."""
 
-    def __init__(self, farm: Farm) -> None:
-        self.farm = farm
+    def __init__(
+        self, farm: Farm, publisher: Publisher, request_log: RequestLog | None = None
+    ) -> None:
+        self.farm, self.publisher, self.request_log = farm, publisher, request_log
 
     async def process_startup(self, scope: dict, event: dict) -> None:
         try:
             self.farm.load()
+            if self.request_log is not None:
+                self.request_log.start()
         except FarmError as exc:
             # One clear line before the traceback; the failed startup stops the worker
             # (uvicorn exits with gunicorn's boot-error code: gunicorn halts).
             log.critical("worker cannot start: %s", exc.message, extra={"code": exc.code})
             raise
+        except RequestLogError as exc:
+            log.critical("worker cannot start: %s", exc)
+            raise
+        self.publisher.start()
         RELOAD.subscribe(self.on_hup)
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
         RELOAD.unsubscribe(self.on_hup)
         self.farm.close()
+        self.publisher.close()
+        if self.request_log is not None:
+            self.request_log.close()
 
     def on_hup(self) -> None:
         """SIGHUP: reload on a worker thread; the event loop goes on serving."""
@@ -378,21 +436,31 @@ class ModelsResource:
 
 
 class StatsResource:
-    """Per-worker counters (this process only; /metrics aggregates across workers)."""
+    """The farm's summary (app/stats.py) from every worker's metrics."""
 
-    def __init__(self, farm: Farm, codec: Codec) -> None:
-        self.farm, self.codec = farm, codec
+    def __init__(self, farm: Farm, codec: Codec, publisher: Publisher) -> None:
+        self.farm, self.codec, self.publisher = farm, codec, publisher
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        oov = self.farm.features.oov_counter.snapshot() if self.farm.features else {}
-        self.codec.write(resp, {"pid": os.getpid(), "oov_ids": oov})
+        self.publisher.publish()  # this worker's windows up to now; the others' <= 1 s old
+        fields = self.farm.features.names if self.farm.features else ()
+        samples = metrics.Samples(metrics.collect())
+        self.codec.write(resp, stats.build(self.farm.config, samples, self.farm.drift, fields))
 
 
 class MetricsResource:
-    """Prometheus text format, merged across every worker of this gunicorn."""
+    """Prometheus text format, merged across every worker of this gunicorn, plus the
+    drift gauges computed from the merged windows."""
+
+    def __init__(self, farm: Farm, publisher: Publisher) -> None:
+        self.farm, self.publisher = farm, publisher
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        resp.data, resp.content_type = metrics.render(), metrics.CONTENT_TYPE
+        self.publisher.publish()
+        families = metrics.collect()
+        report = self.farm.drift.report(metrics.Samples(families))
+        families = metrics.with_computed(families, DriftMonitor.families(report))
+        resp.data, resp.content_type = metrics.render(families), metrics.CONTENT_TYPE
 
 
 class ErrorHandlers:
@@ -449,17 +517,22 @@ def create_app(
     farm (the server case); tests that drive a farm themselves pass False."""
     farm = farm or Farm(config)
     codec = Codec()
-    middleware: list[object] = [RequestContext(farm)]
+    goodput = Goodput(config)
+    publisher = Publisher([goodput.publish, farm.drift.publish])
+    path = config.request_log_path
+    request_log = RequestLog(path, config.request_log_queue) if path else None
+    export_zeros()  # the request-log counters are exported (as 0) with the log off too
+    middleware: list[object] = [RequestContext(farm, goodput, request_log)]
     if manage_lifecycle:
-        middleware.append(Lifecycle(farm))
+        middleware.append(Lifecycle(farm, publisher, request_log))
     app = falcon.asgi.App(middleware=middleware, cors_enable=False)
     app.add_route("/rank", RankResource(farm, codec))
     app.add_route("/predict", PredictResource(farm, codec))
     app.add_route("/health", HealthResource(codec))
     app.add_route("/ready", ReadyResource(farm, codec))
     app.add_route("/models", ModelsResource(farm, codec))
-    app.add_route("/stats", StatsResource(farm, codec))
-    app.add_route("/metrics", MetricsResource())
+    app.add_route("/stats", StatsResource(farm, codec, publisher))
+    app.add_route("/metrics", MetricsResource(farm, publisher))
     handlers = ErrorHandlers(codec)
     # Falcon picks the most specific handler; the catch-all must be registered first.
     app.add_error_handler(Exception, handlers.unexpected)

@@ -194,6 +194,36 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: only; nginx answers 404). Empty: the admin endpoints answer 403.
     admin_token: str = ""
 
+    # -- observability (README "Monitoring") -------------------------------------------
+    #: Latency objective of ``/rank``: an answer (2xx) within it counts towards goodput
+    #: (``ctr_farm_sla_requests_total{outcome="within"}``). The clock starts when nginx
+    #: received the request (``X-Request-Start``), like the deadline's.
+    sla_rank_ms: Annotated[float, msgspec.Meta(gt=0, le=600_000)] = 50.0
+    #: Latency objective of ``/predict`` (as ``sla_rank_ms``).
+    sla_predict_ms: Annotated[float, msgspec.Meta(gt=0, le=600_000)] = 20.0
+    #: Seconds of recent traffic behind ``/stats`` throughput, goodput and compliance.
+    stats_window_s: Annotated[int, msgspec.Meta(ge=10, le=86_400)] = 60
+    #: SQLite file (WAL) of one row per ``/rank`` / ``/predict`` request, written by a
+    #: background thread per worker; relative to ``run_dir``; empty = off.
+    #: ``scripts/report.py`` turns it into a latency / goodput report.
+    request_log: str = ""
+    #: Rows a worker may hold for its writer thread; a request finding it full is not
+    #: delayed: its row is dropped and counted (``ctr_farm_request_log_dropped_total``).
+    request_log_queue: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    #: Model monitoring: PSI of each model's inputs and predicted CTR against its card's
+    #: training distribution; a model whose worst feature reaches this is ``warn``.
+    drift_psi_warn: Annotated[float, msgspec.Meta(gt=0)] = 0.1
+    #: The PSI from which a model is ``alert`` (above ``drift_psi_warn``).
+    drift_psi_alert: Annotated[float, msgspec.Meta(gt=0)] = 0.25
+    #: Seconds of traffic the drift PSI is computed over.
+    drift_window_s: Annotated[int, msgspec.Meta(ge=10, le=86_400)] = 300
+    #: Sampled candidate rows a model's window needs before its PSI is judged.
+    drift_min_rows: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    #: One candidate row in this many is accumulated (systematic sample across requests):
+    #: 1 = every row. PERF: a 1000-candidate ranking costs 27 us at 8, 79 us at 1
+    #: (scripts/bench_observe.py; the ranking itself ~11 ms).
+    drift_sample_every: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 8
+
     # -- front proxy limits (nginx; README "Limits") -----------------------------------
     #: Requests per second nginx admits from one client address (``$binary_remote_addr``);
     #: the excess is answered 429 ``rate_limited`` with ``Retry-After``, never reaching a
@@ -273,6 +303,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 )
         if self.predict_model not in known:
             raise ConfigError(f"predict_model: unknown model {self.predict_model!r}")
+        if self.drift_psi_warn >= self.drift_psi_alert:
+            raise ConfigError(
+                f"drift_psi_warn: {self.drift_psi_warn} must be below drift_psi_alert"
+                f" ({self.drift_psi_alert})"
+            )
         self._check_traffic()
         # Requests that rely on the defaults must be valid: top_k <= every stage's keep_k.
         for i, stage in enumerate(self.stages[:-1]):
@@ -329,6 +364,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         # Keep gunicorn's idle keepalive above nginx's so nginx never sends a request
         # on a connection the worker is closing at the same moment.
         return self.upstream_keepalive_s + 15
+
+    @property
+    def request_log_path(self) -> Path | None:
+        return self.run_path / self.request_log if self.request_log else None
+
+    def sla_ms(self, endpoint: str) -> float | None:
+        """The latency objective of an endpoint (route template), None if it has none."""
+        return {"/rank": self.sla_rank_ms, "/predict": self.sla_predict_ms}.get(endpoint)
 
     @property
     def metrics_path(self) -> Path:

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
+from app import metrics
 from app.errors import InvalidRequest, MalformedBody
 from app.schema import CardField
 
@@ -65,7 +66,8 @@ def error_from_msgspec(exc: Exception, prefix: str) -> InvalidRequest | Malforme
 
 
 class OOVCounter:
-    """Per-process count of ids mapped to the OOV bucket, by field (thread-safe)."""
+    """Count of ids mapped to the OOV bucket, by field (thread-safe): this process's in
+    :meth:`snapshot`, the farm's in ``ctr_farm_oov_ids_total``."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
@@ -75,6 +77,8 @@ class OOVCounter:
     def add(self, per_field: np.ndarray) -> None:
         with self._lock:
             self._counts += per_field
+        for i in np.flatnonzero(per_field):
+            metrics.oov_child(self.names[i]).inc(int(per_field[i]))
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -91,6 +95,8 @@ class FeatureSpace:
         self._vocab = np.array([f.vocab_size for f in fields], dtype=np.int64)
         self._oov = np.array([f.oov_index for f in fields], dtype=np.int64)
         self.oov_counter = OOVCounter(self.names)
+        for name in self.names:  # exported from 0, before the first OOV id
+            metrics.oov_child(name)
 
         bounded = msgspec.Meta(min_length=1, max_length=max_candidates)
         obj = msgspec.defstruct(

@@ -8,23 +8,29 @@ any worker merges all of them. Without that variable (unit tests, one process) t
 same metrics live in this process's default registry.
 
 Recording is on the hot path, so label children are bound once per label set.
+
+Reading back: :func:`collect` returns the merged metric families (what ``/metrics``
+renders); :class:`Samples` indexes them for ``/stats`` (totals, histogram quantiles),
+so any worker answers for the whole farm.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
-    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from app.config import prometheus_multiproc_dir
 
@@ -84,6 +90,79 @@ CACHE_EVICTIONS = Counter(
 )
 CACHE_ENTRIES = Gauge(
     "ctr_farm_cache_entries", "Rows in the score caches now", ["model"], multiprocess_mode="livesum"
+)
+OOV_IDS = Counter(
+    "ctr_farm_oov_ids", "Ids mapped to their field's out-of-vocabulary bucket", ["field"]
+)
+SESSION_WAIT = Histogram(
+    "ctr_farm_session_wait_seconds",
+    "Time a model run waited for a free session of its pool (only runs that had to wait)",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "ctr_farm_queue_wait_seconds",
+    "Time a request waited in its worker's admission queue for an inference thread",
+    buckets=_LATENCY_BUCKETS,
+)
+SLA_REQUESTS = Counter(
+    "ctr_farm_sla_requests",
+    "Requests of an endpoint with a latency objective, by outcome: within / over (2xx"
+    " answered within / beyond it), failed (5xx), invalid (4xx)",
+    ["endpoint", "outcome"],
+)
+WINDOW_REQUESTS = Gauge(
+    "ctr_farm_window_requests",
+    "Requests by endpoint and SLA outcome over the last stats_window_s seconds",
+    ["endpoint", "outcome"],
+    multiprocess_mode="livesum",
+)
+REQUEST_LOG_ROWS = Counter(
+    "ctr_farm_request_log_rows",
+    "Request log rows: written, dropped (queue full) or failed (SQLite error)",
+    ["result"],
+)
+DRIFT_ROWS = Gauge(
+    "ctr_farm_drift_window_rows",
+    "Sampled candidate rows scored by a model over the last drift_window_s seconds, by"
+    " feature (a field, or ctr: the predicted CTR) and bin (a card top id, other, oov; or"
+    " the CTR bin's lower edge)",
+    ["model", "feature", "bin"],
+    multiprocess_mode="livesum",
+)
+DRIFT_CTR_SUM = Gauge(
+    "ctr_farm_drift_window_ctr_sum",
+    "Sum of the sampled predicted CTRs over the last drift_window_s seconds",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+WORKERS = Gauge("ctr_farm_workers", "Worker processes serving", multiprocess_mode="livesum")
+STARTED = Gauge(
+    "ctr_farm_start_time_seconds",
+    "Unix time the oldest live worker became ready",
+    multiprocess_mode="livemin",
+)
+# A worker that is still loading must not be the oldest: +Inf until it is ready.
+STARTED.set(math.inf)
+#: Computed when /metrics is read, from the merged drift windows (app/drift.py); no
+#: worker sets them. Declared here so the exported names live in one module.
+DRIFT_PSI = Gauge(
+    "ctr_farm_drift_psi",
+    "PSI of a model's feature (a field, or ctr) over the drift window vs its card",
+    ["model", "feature"],
+    multiprocess_mode="livemax",
+)
+DRIFT_STATE = Gauge(
+    "ctr_farm_drift_state",
+    "Drift per model: -1 insufficient data, 0 ok, 1 warn, 2 alert",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+PREDICTED_CTR_MEAN = Gauge(
+    "ctr_farm_predicted_ctr_mean",
+    "Mean predicted CTR of a model over the drift window (sampled rows)",
+    ["model"],
+    multiprocess_mode="livemax",
 )
 
 # -- traffic: A/B variants, canary, shadow (app/traffic.py) -------------------------------
@@ -154,6 +233,108 @@ def stage_child(stage: str, model: str):
 
 
 @cache
+def oov_child(field: str):
+    return OOV_IDS.labels(field)
+
+
+@cache
+def session_wait_child(model: str):
+    return SESSION_WAIT.labels(model)
+
+
+def collect() -> list[Metric]:
+    """Every worker's metric families merged (multiprocess mode), or this process's."""
+    path = prometheus_multiproc_dir()
+    if not path:
+        return list(REGISTRY.collect())
+    return list(multiprocess.MultiProcessCollector(None, path=path).collect())
+
+
+class _Families:
+    """A collector over already collected families (``generate_latest`` wants one)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def render(families: Iterable[Metric] | None = None) -> bytes:
+    """The exposition text of ``families`` (default: :func:`collect`)."""
+    return generate_latest(_Families(collect() if families is None else families))
+
+
+def computed(gauge: Gauge, values: Iterable[tuple[Sequence[str], float]]) -> GaugeMetricFamily:
+    """One of the gauges computed at read time (e.g. ``DRIFT_PSI``) with its values."""
+    family = GaugeMetricFamily(gauge._name, gauge._documentation, labels=gauge._labelnames)
+    for label_values, value in values:
+        family.add_metric(list(label_values), value)
+    return family
+
+
+def with_computed(families: Iterable[Metric], extra: Sequence[Metric]) -> list[Metric]:
+    """``families`` with the computed ones in place of their (empty) declarations."""
+    names = {f.name for f in extra}
+    return [f for f in families if f.name not in names] + list(extra)
+
+
+class Samples:
+    """The samples of collected families, indexed by sample name, for reading back."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in families:
+            for sample in family.samples:
+                self.by_name.setdefault(sample.name, []).append((sample.labels, sample.value))
+
+    def select(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """``(labels, value)`` of the samples of ``name`` that carry ``labels``."""
+        return [
+            (have, value)
+            for have, value in self.by_name.get(name, ())
+            if all(have.get(k) == v for k, v in labels.items())
+        ]
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(value for _, value in self.select(name, **labels))
+
+    def by_label(self, name: str, label: str, **labels: str) -> dict[str, float]:
+        """``name``'s samples summed by the value of one label."""
+        out: dict[str, float] = {}
+        for have, value in self.select(name, **labels):
+            out[have.get(label, "")] = out.get(have.get(label, ""), 0.0) + value
+        return out
+
+    def buckets(self, name: str, **labels: str) -> list[tuple[float, float]]:
+        """A histogram's cumulative ``(upper bound, count)`` pairs, summed over the label
+        sets that carry ``labels``."""
+        merged = self.by_label(f"{name}_bucket", "le", **labels)
+        return sorted((float(le), count) for le, count in merged.items())
+
+
+def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """Estimate the ``q`` quantile from cumulative buckets, as PromQL's
+    ``histogram_quantile`` does: linear within the bucket that holds it (from 0 for the
+    first); in the +Inf bucket, the highest finite bound. None without observations."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+@cache
 def variant_children(variant: str, endpoint: str):
     """(requests by outcome, latency, predicted CTR) children of one variant/endpoint."""
     outcomes = {
@@ -173,26 +354,11 @@ def touch_comparison(label: str) -> None:
     COMPARE_FAILED.labels(label)
 
 
-def _registry() -> CollectorRegistry:
-    """Every worker's samples merged (multiprocess mode), or this process's registry."""
-    path = prometheus_multiproc_dir()
-    if not path:
-        return REGISTRY
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
-    return registry
-
-
-def render() -> bytes:
-    """The exposition text: every worker's samples merged, or this process's."""
-    return generate_latest(_registry())
-
-
 def variant_snapshot(endpoint: str = "/rank") -> dict[str, Any]:
     """Farm-wide counters the canary is judged on, per variant: requests, errors,
     cumulative latency buckets; and canary-vs-stable agreement sums and counts."""
     out: dict[str, Any] = {}
-    for family in _registry().collect():
+    for family in collect():
         for sample in family.samples:
             labels = sample.labels
             if family.name == "ctr_farm_variant_requests" and sample.name.endswith("_total"):

@@ -49,6 +49,7 @@ from app.schema import (
     RankRequest,
     RankResponse,
     ReadyResponse,
+    StatsResponse,
 )
 from app.service import Farm
 
@@ -59,14 +60,6 @@ OPENAPI_VERSION = "3.1.0"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 _REF = "#/components/schemas/{name}"
-
-
-class StatsResponse(msgspec.Struct):
-    """``GET /stats`` (the resource answers a dict of exactly these keys)."""
-
-    pid: int
-    #: Out-of-vocabulary ids mapped to the OOV bucket in this worker, per field.
-    oov_ids: dict[str, int]
 
 
 # -- operations ---------------------------------------------------------------------------
@@ -135,8 +128,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         responses={200: ("the models", ModelsResponse), 503: ("`not_ready`", _ERROR)},
     ),
     ("/stats", "GET"): Operation(
-        summary="This worker's counters (out-of-vocabulary ids per field)",
-        responses={200: ("counters of the worker that answered", StatsResponse)},
+        summary="The farm's summary: goodput, latency, sheds, OOV ids, drift (all workers)",
+        responses={200: ("figures of every worker, whichever answers", StatsResponse)},
     ),
     ("/metrics", "GET"): Operation(
         summary="Prometheus metrics, merged across the workers",

@@ -81,6 +81,9 @@ class RankResult:
     fallback: str | None = None
     #: Candidate indices stage 1 kept (request order), when a later stage ran on them.
     stage1_kept: np.ndarray | None = None
+    #: The first stage's scores of every candidate (its batch is the whole request),
+    #: when it ran: what model monitoring counts (app/drift.py). Never sent.
+    stage1_scores: np.ndarray | None = None
     #: The A/B variant (or ``stable`` / ``canary``) that answered; set by the Farm.
     variant: str = ""
 
@@ -268,7 +271,7 @@ class Pipeline:
         after_stage1 = n
         models: list[str] = []
         answered, reason = None, None
-        stage1_kept = None
+        stage1_kept = stage1_scores = None
         for i, stage in enumerate(stages):
             t0 = time.perf_counter()
             span = None
@@ -298,6 +301,7 @@ class Pipeline:
             if i == 0:
                 after_stage1 = len(alive) if not last else n
                 stage1_kept = None if last else alive
+                stage1_scores = stage_scores
             stage_s = time.perf_counter() - t0
             slot = i + 1 + offset
             latency[f"stage{slot}_ms"] = stage_s * 1e3
@@ -325,6 +329,7 @@ class Pipeline:
             reason=reason,
             fallback=fallback,
             stage1_kept=stage1_kept,
+            stage1_scores=stage1_scores,
         )
 
     def _degrade(

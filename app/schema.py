@@ -117,6 +117,106 @@ class ReadyResponse(msgspec.Struct):
     draining: bool = False
 
 
+# -- /stats: the farm's summary, from every worker's metrics --------------------------------
+class LatencySummary(msgspec.Struct):
+    """Quantiles estimated from a histogram's buckets (linear within a bucket, as PromQL's
+    ``histogram_quantile``); None without observations."""
+
+    count: int
+    mean_ms: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+
+
+class WindowSummary(msgspec.Struct):
+    #: Seconds of traffic counted: ``stats_window_s`` (less in the farm's first minute).
+    seconds: float
+    requests: int
+    throughput_rps: float
+    #: Answers within the SLA per second.
+    goodput_rps: float
+    #: within / (within + over + failed); None without such requests.
+    sla_compliance: float | None = None
+
+
+class EndpointStats(msgspec.Struct):
+    sla_ms: float
+    #: Since the farm started (every worker, dead ones included).
+    requests: int
+    #: ``within``, ``over`` (2xx within / beyond the SLA), ``failed`` (5xx), ``invalid`` (4xx).
+    outcomes: dict[str, int]
+    sla_compliance: float | None
+    #: Time in the app (``ctr_farm_request_duration_seconds``), since the start.
+    latency: LatencySummary
+    #: The last ``stats_window_s`` seconds.
+    window: WindowSummary
+
+
+class RequestLogStats(msgspec.Struct):
+    enabled: bool
+    written: int = 0
+    #: Rows not logged because the worker's queue was full (never a delayed request).
+    dropped: int = 0
+    #: Rows lost to a SQLite error (see the worker log).
+    failed: int = 0
+
+
+class FeatureDrift(msgspec.Struct):
+    #: Window vs card; None when the window is empty.
+    psi: float | None
+    #: Fields only: share of ids mapped to OOV, and of ids among the card's top ids.
+    oov_rate: float | None = None
+    card_oov_rate: float | None = None
+    top_share: float | None = None
+    card_top_share: float | None = None
+
+
+class ModelDrift(msgspec.Struct):
+    #: ``ok``, ``warn``, ``alert`` (worst feature PSI against the thresholds) or
+    #: ``insufficient_data`` (fewer sampled rows than ``drift_min_rows``).
+    state: str
+    #: Sampled rows in the window (every worker).
+    rows: int
+    window_s: int
+    ctr_mean: float | None
+    card_ctr_mean: float | None
+    #: The feature with the highest PSI.
+    worst: str | None
+    #: Per field, and ``ctr`` for the predicted CTR.
+    features: dict[str, FeatureDrift]
+
+
+class StatsResponse(msgspec.Struct):
+    """``GET /stats``: the whole farm (all workers' metrics), whichever worker answers."""
+
+    #: The worker that answered.
+    pid: int
+    #: Live workers, and seconds since the oldest of them became ready.
+    workers: int
+    uptime_s: float | None
+    #: ``/rank`` and ``/predict``: SLA, outcomes, latency, recent throughput and goodput.
+    endpoints: dict[str, EndpointStats]
+    #: Stage (``stage1``, ...) -> model (``name/version``) -> its time per request.
+    stages: dict[str, dict[str, LatencySummary]]
+    in_flight: int
+    queue_waiting: int
+    #: Waits for an inference thread (admission queue), and per model for a free session.
+    queue_wait: LatencySummary
+    session_wait: dict[str, LatencySummary]
+    #: 503s by code (``overloaded``, ``deadline_exceeded``, ...).
+    shed: dict[str, int]
+    #: Degraded rankings by ``<answered_by>/<reason>``.
+    degraded: dict[str, int]
+    #: Ids mapped to the OOV bucket, per field.
+    oov_ids: dict[str, int]
+    #: Worst breaker state of each model across the workers.
+    breakers: dict[str, str]
+    request_log: RequestLogStats
+    #: Per model version (``name/version``); see README "Monitoring".
+    drift: dict[str, ModelDrift]
+
+
 # -- model cards ---------------------------------------------------------------------------
 class CardField(msgspec.Struct, frozen=True):
     name: str

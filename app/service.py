@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,7 @@ from app.breaker import Breaker
 from app.cache import CachedScorer, ScoreCache
 from app.config import Config
 from app.deadlines import Deadline
+from app.drift import DriftMonitor
 from app.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -168,6 +169,9 @@ class Farm:
         #: Bytes of request body per candidate, by wire format: estimates a request's
         #: size (hence its cost) before its candidates are decoded.
         self._bytes_per_candidate: dict[ContentKind, float] = {"json": 250.0, "msgpack": 60.0}
+        #: Model monitoring: inputs and CTRs of whole-request batches vs the cards, per
+        #: served version (not the shadow's: it scores the same requests again).
+        self.drift = DriftMonitor(config)
         self.ready = False
 
     @property
@@ -219,8 +223,11 @@ class Farm:
                 max_wait_ms=self.config.max_queue_wait_ms,
                 aging_ms=self.config.queue_aging_ms,
                 retry_after_s=self.config.retry_after_s,
+                on_start=metrics.QUEUE_WAIT.observe,
             )
         self.ready = True
+        metrics.WORKERS.set(1)
+        metrics.STARTED.set(time.time())
         log.info(
             "farm ready",
             extra={
@@ -321,6 +328,8 @@ class Farm:
                 )
                 metrics.set_breaker(model.key, "closed")
         breakers = {m.key: self._breakers[m.key] for m in models.values()}
+        if variant != SHADOW:
+            self._monitor(models.values())
         first = next(iter(models.values()))
         stages = [Stage(models[s.model], s.keep_k) for s in self.config.stages]
         stages[0] = self._cached(stages[0], width=len(first.card.fields))
@@ -377,6 +386,7 @@ class Farm:
                 self._costs = {k: c for k, c in self._costs.items() if k in used}
                 self.clear_cache()  # invalidated on every reload that changes a version
                 self.caches = {k: c for k, c in self.caches.items() if k in used}
+                self.drift.retain({key for ln in lineups.values() for key in ln.breakers})
             self.rejected = rejected
             status = ReloadStatus(
                 at=time.time(),
@@ -394,6 +404,7 @@ class Farm:
 
     def close(self) -> None:
         self.ready = False
+        metrics.WORKERS.set(0)
         if self.canary is not None:
             self.canary.close()
         if self.comparator is not None:
@@ -450,6 +461,14 @@ class Farm:
         must call this once the new sessions serve (entries are per model version, but a
         version's weights could change in place)."""
         return sum(cache.clear() for cache in self.caches.values())
+
+    def _monitor(self, models: Iterable[LoadedModel]) -> None:
+        """Drift monitoring for served versions not monitored yet."""
+        for model in models:
+            if model.key not in self.drift.models and not self.drift.add(model.key, model.card):
+                log.warning(
+                    "no drift monitoring: the card has no distribution", extra={"model": model.key}
+                )
 
     def _fallback(self, model: LoadedModel) -> Scorer | None:
         if self.config.fallback == "none":
@@ -558,6 +577,8 @@ class Farm:
         pipeline = lineup.pipeline
         result = pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage, deadline)
         result = replace(result, variant=lineup.variant)
+        if result.stage1_scores is not None:  # served requests only: not shadow reruns
+            self.drift.record(result.models[0], ids, result.stage1_scores)
         if self.comparator is not None and not result.degraded:
             self._compare(
                 lineup,
@@ -620,7 +641,9 @@ class Farm:
                     " use /rank for more",
                     field="candidates",
                 )
-        return _score(lineup, model, ids), model
+        scores = _score(lineup, model, ids)
+        self.drift.record(model.key, ids, scores)
+        return scores, model
 
     def _model(self, lineup: Lineup, name: str | None) -> LoadedModel:
         model = lineup.models.get(self.config.predict_model if name is None else name)

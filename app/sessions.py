@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 
+from app import metrics
 from app.errors import ModelError, ModelLoadError, StageTimeout
 from app.schema import ModelCard
 
@@ -271,6 +273,7 @@ class LoadedModel:
         for sess in self._sessions:
             self._free.put(sess)
         self._input, self._output = self.card.input.name, self.card.output.name
+        metrics.session_wait_child(self.key)  # exported from 0, before the first wait
 
     @property
     def key(self) -> str:
@@ -314,7 +317,12 @@ class LoadedModel:
 
     @contextmanager
     def session(self) -> Iterator[ort.InferenceSession]:
-        sess = self._free.get()
+        try:
+            sess = self._free.get_nowait()
+        except queue.Empty:  # every session busy: wait, and count the wait
+            t0 = time.perf_counter()
+            sess = self._free.get()
+            metrics.session_wait_child(self.key).observe(time.perf_counter() - t0)
         try:
             yield sess
         finally:

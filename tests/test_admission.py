@@ -208,3 +208,23 @@ def test_close_refuses_the_waiting(make) -> None:
         await closer
 
     run(go())
+
+
+def test_on_start_reports_each_jobs_wait(make) -> None:
+    """The queue-wait metric's source: a job behind a held thread waited about as long."""
+    waits: list[float] = []
+    adm = make(on_start=waits.append)
+    gate = Gate()
+
+    async def go() -> str:
+        holder = await hold(adm, gate)
+        waiter = asyncio.create_task(adm.run(1, Deadline(60_000), lambda: "second"))
+        await asyncio.sleep(0.1)
+        gate.opened.set()
+        await holder
+        return await waiter
+
+    assert run(go()) == "second"
+    assert len(waits) == 2
+    assert waits[0] < 0.05  # the first found a free thread
+    assert waits[1] >= 0.09  # the second waited for the gate

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from app.api import read_body
+from app.api import create_app, read_body
 from app.config import Config
 from app.errors import MalformedBody, PayloadTooLarge
 from app.schema import RankRequest, RankResponse
@@ -430,19 +433,25 @@ def test_models(client, farm: Farm) -> None:
 
 
 def test_stats_oov_counts_grow(client) -> None:
-    before = decoded(client.simulate_get("/stats"))
-    assert before["oov_ids"] == dict.fromkeys(FIELD_NAMES, 0)
+    """Farm-wide counts (the metrics of every worker; here, of this test process)."""
+
+    def oov() -> dict[str, int]:
+        return decoded(client.simulate_get("/stats"))["oov_ids"]
+
+    before = oov()
+    assert set(before) == set(FIELD_NAMES)
     cands = [[-1, 2, 3, 4], [7, 24, 3, 4], [1, 2, 3, 2**62]]
     assert post(client, "/rank", {"candidates": cands}).status_code == 200
-    after = decoded(client.simulate_get("/stats"))
-    assert after["oov_ids"] == {"weekday": 2, "hour": 1, "region": 0, "city": 1}
-    assert (
-        post(
-            client, "/predict", {"candidate": {"weekday": 9, "hour": 1, "region": 1, "city": 1}}
-        ).status_code
-        == 200
-    )
-    assert decoded(client.simulate_get("/stats"))["oov_ids"]["weekday"] == 3
+    after = oov()
+    assert {f: after[f] - before[f] for f in FIELD_NAMES} == {
+        "weekday": 2,
+        "hour": 1,
+        "region": 0,
+        "city": 1,
+    }
+    candidate = {"weekday": 9, "hour": 1, "region": 1, "city": 1}
+    assert post(client, "/predict", {"candidate": candidate}).status_code == 200
+    assert oov()["weekday"] - before["weekday"] == 3
 
 
 # -- 500s ----------------------------------------------------------------------------------
@@ -517,3 +526,52 @@ def test_metrics_count_requests_errors_and_sheds(make_client) -> None:
     stage = "ctr_farm_stage_duration_seconds_count"
     assert sample(after.text, stage, stage="stage1") >= sample(before, stage, stage="stage1") + 1
     assert "ctr_farm_breaker_state" in after.text and "ctr_farm_queue_waiting" in after.text
+
+
+# -- the request log, through the ASGI lifespan ------------------------------------------------
+def test_request_log_rows_through_the_lifespan(tmp_path: Path, fake_models: Path) -> None:
+    """The lifespan starts the log's writer thread and, at shutdown, flushes it: one row
+    per /rank and /predict request, none for other endpoints. The SLA clock starts at
+    nginx's X-Request-Start stamp, not when the app saw the request."""
+    config = config_for(fake_models, run_dir=str(tmp_path), request_log="requests.db")
+    app = create_app(config)  # manage_lifecycle: the lifespan loads the farm
+    late = f"t={time.time() - 0.2:.3f}"  # nginx received it 200 ms ago
+
+    async def drive() -> list[int]:
+        async with falcon.testing.ASGIConductor(app) as conductor:
+            statuses = []
+            for rid, path, value, extra in [
+                ("log-1", "/rank", {"candidates": ROWS, "top_k": 2}, {}),
+                ("log-2", "/rank", {"candidates": []}, {}),
+                ("log-3", "/predict", {"candidates": ROWS[:2]}, {}),
+                ("log-4", "/predict", {"candidates": ROWS[:1]}, {"X-Request-Start": late}),
+            ]:
+                headers = {"Content-Type": JSON, "X-Request-ID": rid, **extra}
+                body = msgspec.json.encode(value)
+                result = await conductor.simulate_post(path, body=body, headers=headers)
+                statuses.append(result.status_code)
+            assert (await conductor.simulate_get("/health")).status_code == 200
+            return statuses
+
+    assert asyncio.run(drive()) == [200, 400, 200, 200]
+    with sqlite3.connect(tmp_path / "requests.db") as conn:
+        conn.row_factory = sqlite3.Row
+        rows = {r["request_id"]: dict(r) for r in conn.execute("SELECT * FROM requests")}
+    assert set(rows) == {"log-1", "log-2", "log-3", "log-4"}
+    ranked = rows["log-1"]
+    assert (ranked["endpoint"], ranked["status"], ranked["n_candidates"]) == ("/rank", 200, 5)
+    assert (ranked["models"], ranked["degraded"], ranked["answered_by"]) == (
+        "deepfm/1,autoint/1",
+        0,
+        "stage2",
+    )
+    assert ranked["outcome"] == "within" and ranked["pid"] == os.getpid()
+    assert set(msgspec.json.decode(ranked["stage_ms"])) == {"stage1_ms", "stage2_ms", "total_ms"}
+    bad = rows["log-2"]
+    assert (bad["status"], bad["outcome"], bad["error_code"]) == (400, "invalid", "invalid_request")
+    assert bad["n_candidates"] is None and bad["stage_ms"] is None
+    predicted = rows["log-3"]
+    assert (predicted["n_candidates"], predicted["models"]) == (2, "autoint/1")
+    assert predicted["outcome"] == "within" and predicted["queue_ms"] == 0.0
+    late_row = rows["log-4"]
+    assert late_row["queue_ms"] >= 150 and late_row["outcome"] == "over"

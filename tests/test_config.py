@@ -192,6 +192,15 @@ def test_bool_env_typo_is_an_error_naming_the_setting(raw: str) -> None:
         ({}, {"CTR_FARM_CACHE_ENTRIES": "lots"}, "cache_entries"),
         ({"cache_ttl_s": 0}, {}, "cache_ttl_s"),
         ({"no_such_setting": 1}, {}, "no_such_setting"),
+        ({"sla_rank_ms": 0}, {}, "sla_rank_ms"),
+        ({}, {"CTR_FARM_SLA_PREDICT_MS": "fast"}, "sla_predict_ms"),
+        ({"stats_window_s": 5}, {}, "stats_window_s"),
+        ({"request_log_queue": 0}, {}, "request_log_queue"),
+        ({"drift_psi_warn": 0.3, "drift_psi_alert": 0.2}, {}, "drift_psi_warn"),
+        ({"drift_psi_warn": 0.2, "drift_psi_alert": 0.2}, {}, "drift_psi_warn"),
+        ({"drift_psi_alert": -1}, {}, "drift_psi_alert"),
+        ({"drift_window_s": 1}, {}, "drift_window_s"),
+        ({"drift_sample_every": 0}, {}, "drift_sample_every"),
         ({"tracing": "jaeger"}, {}, "tracing"),
         ({}, {"CTR_FARM_TRACE_SAMPLE_RATIO": "1.5"}, "trace_sample_ratio"),
         ({"trace_sample_ratio": -0.1}, {}, "trace_sample_ratio"),
@@ -296,6 +305,28 @@ def test_relative_paths_resolve_against_the_repo_root() -> None:
     assert config.run_path == REPO_ROOT / "run-x"
     assert config.worker_socket(1) == REPO_ROOT / "run-x" / "worker-1.sock"
     assert config.shared_socket == REPO_ROOT / "run-x" / "gunicorn.sock"
+
+
+def test_observability_settings_from_env_and_derived() -> None:
+    env = {
+        "CTR_FARM_SLA_RANK_MS": "35.5",
+        "CTR_FARM_SLA_PREDICT_MS": "8",
+        "CTR_FARM_REQUEST_LOG": "requests.db",
+        "CTR_FARM_DRIFT_PSI_WARN": "0.05",
+        "CTR_FARM_RUN_DIR": "run-y",
+    }
+    config = load(env=env)
+    assert (config.sla_ms("/rank"), config.sla_ms("/predict"), config.sla_ms("/health")) == (
+        35.5,
+        8.0,
+        None,
+    )
+    assert config.drift_psi_warn == 0.05 and config.drift_psi_alert == 0.25
+    # The request log lives under the run dir unless given an absolute path; off by default.
+    assert config.request_log_path == REPO_ROOT / "run-y" / "requests.db"
+    absolute = load(overrides={"request_log": "/var/log/farm.db"}, env={})
+    assert absolute.request_log_path == Path("/var/log/farm.db")
+    assert load(env={}).request_log_path is None
 
 
 @pytest.mark.parametrize(("keepalive", "expected"), [(1, 16), (60, 75), (300, 315)])

@@ -26,6 +26,11 @@ SERVING = [
     "app.stack",
     "app.logconf",
     "app.asgi",
+    "app.window",
+    "app.goodput",
+    "app.drift",
+    "app.requestlog",
+    "app.stats",
     "app.tracing",
 ]
 #: opentelemetry: imported only when a worker builds its tracer (Config.tracing on).

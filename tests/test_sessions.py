@@ -13,7 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from app import metrics
 from app.errors import ModelError, ModelLoadError
+from app.metrics import Samples
 from app.sessions import (
     LoadedModel,
     read_card,
@@ -411,3 +413,35 @@ def test_profiling_is_off_by_default(make_config, tmp_path: Path) -> None:
     farm.load()
     farm.close()
     assert not config.ort_profile_path.exists()
+
+
+def test_a_run_that_waits_for_a_session_is_timed(model_dir: Path) -> None:
+    """ctr_farm_session_wait_seconds counts only runs that found every session busy."""
+
+    def waits() -> tuple[float, float]:
+        samples = Samples(metrics.collect())
+        name = "ctr_farm_session_wait_seconds"
+        return samples.total(f"{name}_count", model="deepfm/1"), samples.total(
+            f"{name}_sum", model="deepfm/1"
+        )
+
+    model = LoadedModel(model_dir, pool_size=1)
+    count0, sum0 = waits()
+    model.run(batch(3))  # a free session: no wait recorded
+    assert waits()[0] == count0
+    released = threading.Event()
+
+    def hold() -> None:
+        with model.session():
+            released.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.05)
+    timer = threading.Timer(0.1, released.set)
+    timer.start()
+    model.run(batch(3))  # waits ~0.1 s for the held session
+    holder.join()
+    count1, sum1 = waits()
+    assert count1 == count0 + 1
+    assert sum1 - sum0 >= 0.05

@@ -27,7 +27,17 @@ from tests.fake_models import POISON_ID, write_model
 pytestmark = pytest.mark.integration
 
 FIELDS = (("weekday", 7), ("hour", 24), ("creative", 50))
-POPULAR = {"fields": {"creative": {"top_ids": [9, 4, 17], "top_shares": [0.4, 0.2, 0.1]}}}
+#: The cards' training distribution: creative's popularity orders the fallback; with
+#: every field and a CTR histogram, drift monitoring runs too (its metrics have samples).
+POPULAR = {
+    "fields": {
+        "weekday": {"top_ids": list(range(7)), "top_shares": [1 / 7] * 7},
+        "hour": {"top_ids": list(range(20)), "top_shares": [1 / 24] * 20},
+        "creative": {"top_ids": [9, 4, 17], "top_shares": [0.4, 0.2, 0.1]},
+    },
+    "ctr_histogram": {"edges": [0.0, 0.01, 0.1, 1.0], "shares": [0.2, 0.5, 0.3]},
+    "ctr_mean": 0.05,
+}
 RESET_S = 2.0
 
 
