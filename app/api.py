@@ -459,7 +459,11 @@ class MetricsResource:
         self.publisher.publish()
         families = metrics.collect()
         report = self.farm.drift.report(metrics.Samples(families))
-        families = metrics.with_computed(families, DriftMonitor.families(report))
+        computed = [
+            *DriftMonitor.families(report),
+            metrics.front_rejected(self.farm.config.run_path),
+        ]
+        families = metrics.with_computed(families, computed)
         resp.data, resp.content_type = metrics.render(families), metrics.CONTENT_TYPE
 
 

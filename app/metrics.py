@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -30,7 +31,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from app.config import prometheus_multiproc_dir
 
@@ -263,6 +264,30 @@ class _Families:
 def render(families: Iterable[Metric] | None = None) -> bytes:
     """The exposition text of ``families`` (default: :func:`collect`)."""
     return generate_latest(_Families(collect() if families is None else families))
+
+
+#: Statuses nginx answers itself (no worker involved), tallied in ``run/front-<status>.tally``.
+FRONT_STATUSES = ("429", "503")
+FRONT_REJECTED = Counter(
+    "ctr_farm_front_rejected",
+    "Requests nginx answered itself, no worker asked: 429 rate_limited, 503"
+    " upstream_unavailable (counted from nginx's tally logs when /metrics is read)",
+    ["status"],
+)
+
+
+def front_rejected(run_path: Path) -> CounterMetricFamily:
+    """``FRONT_REJECTED`` from nginx's tally logs: each answer adds ``x\\n`` (2 bytes)."""
+    family = CounterMetricFamily(
+        FRONT_REJECTED._name, FRONT_REJECTED._documentation, labels=["status"]
+    )
+    for status in FRONT_STATUSES:
+        try:
+            size = (run_path / f"front-{status}.tally").stat().st_size
+        except FileNotFoundError:
+            size = 0  # nothing refused yet (nginx creates the file on the first)
+        family.add_metric([status], size // 2)
+    return family
 
 
 def computed(gauge: Gauge, values: Iterable[tuple[Sequence[str], float]]) -> GaugeMetricFamily:
