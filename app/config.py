@@ -190,6 +190,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: nginx's cap on concurrent requests per worker (``max_conns``; 0 = none). Requests
     #: beyond it get nginx's JSON 503 without costing a worker anything.
     upstream_max_conns: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: The heavy lane: ``/rank`` bodies of at least this many bytes (0 = no lane; a power
+    #: of ten, as nginx compares the length's digits) go to each worker through nginx
+    #: with at most ``heavy_lane_max_conns`` in flight; beyond that nginx answers the JSON
+    #: 503 + ``Retry-After`` itself in well under a millisecond, so refusing a large
+    #: ranking costs a worker nothing (docs/RELIABILITY.md, overload). Smaller requests
+    #: are never capped by nginx; the worker's own admission bounds them.
+    heavy_lane_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    #: Large rankings in flight per worker (0: ``pool_size + 2``, one running per
+    #: inference thread and two waiting).
+    heavy_lane_max_conns: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: Bearer token of the ``/admin/*`` endpoints (reachable on the workers' unix sockets
     #: only; nginx answers 404). Empty: the admin endpoints answer 403.
     admin_token: str = ""
@@ -318,6 +328,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                     f"stages[{i}].keep_k: {stage.keep_k} is below default_top_k"
                     f" ({self.default_top_k})"
                 )
+        if self.heavy_lane_bytes and 10 ** (len(str(self.heavy_lane_bytes)) - 1) != (
+            self.heavy_lane_bytes
+        ):
+            raise ConfigError(
+                f"heavy_lane_bytes: {self.heavy_lane_bytes} must be 0 or a power of ten"
+            )
         if self.tracing != "off":
             _require_tracing(self.tracing, self.otlp_endpoint)
 
@@ -335,6 +351,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ConfigError(f"canary.steps: must not decrease, got {list(self.canary.steps)}")
 
     # -- derived values ------------------------------------------------------------------
+    @property
+    def heavy_lane_conns(self) -> int:
+        """Large rankings nginx lets into one worker at once."""
+        return self.heavy_lane_max_conns or self.pool_size + 2
+
     def model_dirs(self, override: Any = None) -> dict[str, Path]:
         """Model name -> absolute directory (repository or pinned version) it serves from;
         ``override`` (a variant, canary or shadow config) replaces the settings it sets."""

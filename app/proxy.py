@@ -24,10 +24,11 @@ TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
-def upstream_servers(config: Config) -> str:
+def upstream_servers(config: Config, max_conns: int | None = None) -> str:
     # With a cap, nginx refuses what no worker may take (502 -> the JSON 503 with
     # Retry-After) for a few microseconds of its own time, not a worker's.
-    cap = f" max_conns={config.upstream_max_conns}" if config.upstream_max_conns else ""
+    max_conns = config.upstream_max_conns if max_conns is None else max_conns
+    cap = f" max_conns={max_conns}" if max_conns else ""
     lines = []
     if config.per_worker_sockets:
         for slot in range(config.workers):
@@ -93,6 +94,11 @@ def render(config: Config, template: Path = TEMPLATE) -> str:
         "run_dir": str(config.run_path),
         "access_log": f"{config.run_path}/access.log json buffer=64k flush=1s",
         "upstream_servers": upstream_servers(config),
+        "heavy_servers": upstream_servers(config, config.heavy_lane_conns),
+        "heavy_lane_conns": str(config.heavy_lane_conns),
+        "heavy_lane_digits": str(
+            len(str(config.heavy_lane_bytes)) if config.heavy_lane_bytes else 99
+        ),
         "upstream_keepalive": str(config.upstream_keepalive_s),
         "gunicorn_keepalive": str(config.gunicorn_keepalive_s),
         "host": config.host,

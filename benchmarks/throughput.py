@@ -110,7 +110,9 @@ def measure_cell(
     run_dir = Path(tempfile.mkdtemp(prefix="sweep-"))
     curve: list[dict[str, float]] = []
     try:
-        with running(run_dir, overrides) as stack:
+        # Closed-loop peak throughput: wrk's connections beyond the slots queue in the
+        # workers instead of being refused by nginx's heavy lane (unless a cell sets it).
+        with running(run_dir, {"heavy_lane_bytes": 0, **overrides}) as stack:
             url = f"{stack.url}/{endpoint}"
             run_wrk(url, bodies, threads, connections, warmup_s)
             time.sleep(1.2)  # access log flushes every second

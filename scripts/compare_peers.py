@@ -74,7 +74,9 @@ def start_target(
     if peer is None:
         run_dir = Path(tempfile.mkdtemp(prefix="cmp-"))  # short: unix socket paths
         try:
-            overrides = {"workers": workers, "pool_size": farm_pool_size}
+            # Closed-loop peak throughput: more connections than slots must queue, not be
+            # refused by the heavy lane (the overload study measures that; RELIABILITY.md).
+            overrides = {"workers": workers, "pool_size": farm_pool_size, "heavy_lane_bytes": 0}
             with running(run_dir, overrides) as stack:
                 assert stack.gunicorn is not None and stack.nginx is not None
                 yield stack.url, [stack.gunicorn.pid, stack.nginx.pid]

@@ -23,10 +23,9 @@ from benchmarks.overload import measure
 pytestmark = pytest.mark.integration
 
 SLA_MS = 100
-#: Issue 6 asks for 0.9 and the farm does not reach it yet: 0.72-0.92 here, with the
-#: Python load driver on the same two cores (docs/RELIABILITY.md). This floor catches a
-#: regression (e.g. shedding that costs as much as serving), not the target.
-MIN_GOODPUT_SHARE = 0.65
+#: Issue 6's figure: goodput at 2x capacity >= 0.9 of capacity (the median over the
+#: rounds, each against the capacity measured around it; docs/RELIABILITY.md).
+MIN_GOODPUT_SHARE = 0.9
 #: Latency is measured by the driver from each request's due time; the deadline runs
 #: from nginx's receipt. The driver's own lag on the shared cores sits in between.
 DRIVER_SLACK = 1.15
@@ -39,18 +38,20 @@ def stack() -> Iterator[Stack]:
 
 
 def shed_total(url: str) -> float:
+    """503s the farm counted: the workers' (by reason) and nginx's own (the heavy lane)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line.startswith("ctr_farm_shed_total{")
+        or line.startswith('ctr_farm_front_rejected_total{status="503"}')
     )
 
 
 def test_twice_capacity_sheds_quickly_and_keeps_goodput(stack: Stack) -> None:
     shed_before = shed_total(stack.url)
     fig = measure(
-        stack.url, workers=2, sla_ms=SLA_MS, factor=2.0, capacity_s=3, overload_s=5, rounds=3
+        stack.url, workers=2, sla_ms=SLA_MS, factor=2.0, capacity_s=3, overload_s=5, rounds=5
     )
     print(fig.as_dict())
     assert fig.errors == 0 and fig.other == 0, fig
