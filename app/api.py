@@ -56,6 +56,7 @@ from app.schema import (
     ReadyResponse,
 )
 from app.service import Farm
+from app.status import register as register_status
 from app.window import Publisher
 
 log = logging.getLogger(__name__)
@@ -543,5 +544,6 @@ def create_app(
     app.add_error_handler(falcon.HTTPError, handlers.http_error)
     app.add_error_handler(FarmError, handlers.farm_error)
     register_admin(app, farm)
+    register_status(app, config)  # /status: the live status page over /stats and /models
     register_openapi(app, farm)  # /openapi.json, /docs: generated from the routes above
     return app

@@ -52,6 +52,7 @@ from app.schema import (
     StatsResponse,
 )
 from app.service import Farm
+from app.status import ASSETS as STATUS_ASSETS
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -89,6 +90,13 @@ _BODY_ERRORS: dict[int, tuple[str, Any]] = {
 }
 #: The Swagger UI files /docs needs (the only ones /docs/{asset} serves).
 DOCS_ASSETS = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png")
+
+
+def asset_parameter(names: Sequence[str] | dict[str, str]) -> tuple[dict[str, Any], ...]:
+    """The ``{asset}`` path parameter of a static route: one of ``names``."""
+    schema = {"type": "string", "enum": list(names)}
+    return ({"name": "asset", "in": "path", "required": True, "schema": schema},)
+
 
 #: Every (path, method) the app may serve. Building the document fails on a served route
 #: missing here; an entry whose route is not served is left out of the document.
@@ -135,6 +143,25 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         summary="Prometheus metrics, merged across the workers",
         responses={200: ("Prometheus text exposition format", {"text/plain": {"type": "string"}})},
     ),
+    ("/status", "GET"): Operation(
+        summary="The live status page: charts of /stats and /models (HTML, served locally)",
+        responses={
+            200: ("an HTML page", {"text/html": {"type": "string"}}),
+            304: ("not modified (`If-None-Match` matched the `ETag`)", {}),
+        },
+    ),
+    ("/status/{asset}", "GET"): Operation(
+        summary="The status page's script or style sheet",
+        parameters=asset_parameter(STATUS_ASSETS),
+        responses={
+            200: (
+                "the file",
+                {ctype.split(";")[0]: {"type": "string"} for ctype in STATUS_ASSETS.values()},
+            ),
+            304: ("not modified (`If-None-Match` matched the `ETag`)", {}),
+            404: ("`not_found`: not a status page asset", _ERROR),
+        },
+    ),
     ("/openapi.json", "GET"): Operation(
         summary="This document",
         responses={
@@ -148,14 +175,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("/docs/{asset}", "GET"): Operation(
         summary="A Swagger UI asset of /docs",
-        parameters=(
-            {
-                "name": "asset",
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string", "enum": list(DOCS_ASSETS)},
-            },
-        ),
+        parameters=asset_parameter(DOCS_ASSETS),
         responses={
             200: (
                 "the file",

@@ -31,6 +31,7 @@ SERVING = [
     "app.drift",
     "app.requestlog",
     "app.stats",
+    "app.status",
     "app.tracing",
 ]
 #: opentelemetry: imported only when a worker builds its tracer (Config.tracing on).
