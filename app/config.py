@@ -190,13 +190,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: nginx's cap on concurrent requests per worker (``max_conns``; 0 = none). Requests
     #: beyond it get nginx's JSON 503 without costing a worker anything.
     upstream_max_conns: Annotated[int, msgspec.Meta(ge=0)] = 0
-    #: The heavy lane: ``/rank`` bodies of at least this many bytes (0 = no lane; a power
-    #: of ten, as nginx compares the length's digits) go to each worker through nginx
-    #: with at most ``heavy_lane_max_conns`` in flight; beyond that nginx answers the JSON
-    #: 503 + ``Retry-After`` itself in well under a millisecond, so refusing a large
-    #: ranking costs a worker nothing (docs/RELIABILITY.md, overload). Smaller requests
-    #: are never capped by nginx; the worker's own admission bounds them.
-    heavy_lane_bytes: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    #: The heavy lane, for farms that must hold goodput under overload: ``/rank`` bodies of
+    #: at least this many bytes (e.g. 10000; a power of ten, as nginx compares the
+    #: length's digits; 0 = off) go to each worker with at most ``heavy_lane_max_conns``
+    #: in flight; beyond that nginx answers the JSON 503 + ``Retry-After`` itself in well
+    #: under a millisecond, so refusing a large ranking costs a worker nothing. The price:
+    #: a short stall can refuse a few large rankings even at low load (docs/RELIABILITY.md,
+    #: overload). Smaller requests are never capped by nginx.
+    heavy_lane_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     #: Large rankings in flight per worker (0: ``pool_size + 2``, one running per
     #: inference thread and two waiting).
     heavy_lane_max_conns: Annotated[int, msgspec.Meta(ge=0)] = 0

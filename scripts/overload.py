@@ -35,9 +35,16 @@ def main() -> None:
         "--rounds", type=int, default=3, help="overload phases, each between two capacity phases"
     )
     parser.add_argument("--max-conns", type=int, default=0, help="upstream_max_conns")
+    parser.add_argument(
+        "--heavy-lane-bytes", type=int, default=10_000, help="heavy_lane_bytes (0: no lane)"
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
-    settings = {"workers": args.workers, "upstream_max_conns": args.max_conns}
+    settings = {
+        "workers": args.workers,
+        "upstream_max_conns": args.max_conns,
+        "heavy_lane_bytes": args.heavy_lane_bytes,
+    }
     with running(Path(tempfile.mkdtemp(prefix="ovl-")), settings) as stack:
         figures = measure(
             stack.url,

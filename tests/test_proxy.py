@@ -273,3 +273,37 @@ def test_nginx_accepts_the_limits(run_dir: Path, overrides: dict[str, Any]) -> N
     argv = prepare(proxy_config(run_dir, nginx_bin=NGINX, **overrides))
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30, check=False)
     assert check.returncode == 0, check.stderr
+
+
+# -- the heavy lane ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("lane_bytes", "pool_size", "max_conns", "digits", "cap"),
+    [(10_000, 1, 0, 5, 3), (100_000, 6, 0, 6, 8), (1000, 1, 5, 4, 5), (0, 1, 0, 99, 3)],
+)
+def test_heavy_lane_caps_large_rankings_per_worker(
+    run_dir: Path, lane_bytes: int, pool_size: int, max_conns: int, digits: int, cap: int
+) -> None:
+    config = proxy_config(
+        run_dir,
+        heavy_lane_bytes=lane_bytes,
+        heavy_lane_max_conns=max_conns,
+        pool_size=pool_size,
+        per_worker_sockets=True,
+    )
+    text = render(config)
+    block = re.search(r"upstream ctr_farm_heavy \{(.*?)\n    \}", text, re.S)
+    assert block is not None
+    servers = [line.strip() for line in block.group(1).splitlines() if "server " in line]
+    assert len(servers) == config.workers + 1
+    assert all(line.endswith(f" max_conns={cap};") for line in servers), servers
+    # POST /rank with at least `digits` digits of Content-Length takes the lane (99: never).
+    assert f'"~^POST /rank [0-9]{{{digits},}}$" ctr_farm_heavy;' in text
+    assert "proxy_pass http://$ctr_farm_lane;" in text
+    # The small lane is never capped by the heavy one.
+    assert all("max_conns" not in line for line in upstream_block(text))
+
+
+@pytest.mark.parametrize("lane_bytes", [5000, 12345, 99])
+def test_heavy_lane_bytes_must_be_a_power_of_ten(lane_bytes: int) -> None:
+    with pytest.raises(ConfigError, match="heavy_lane_bytes"):
+        load(overrides={"heavy_lane_bytes": lane_bytes}, env={})

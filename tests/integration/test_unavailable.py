@@ -35,7 +35,9 @@ def test_no_worker_gives_json_503_with_retry_after() -> None:
         assert resp.json() == {
             "error": {
                 "code": "upstream_unavailable",
-                "message": "no worker could answer; retry shortly",
+                "message": (
+                    "no worker could take the request now (all busy or restarting); retry shortly"
+                ),
                 "field": None,
             },
             "request_id": "down-1",
