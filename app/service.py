@@ -211,8 +211,10 @@ class Farm:
         self._lineups, self.generation = lineups, 1
         if self._shadow is not None or self.config.canary is not None:
             self.comparator = Comparator()
-            for label in (SHADOW,) * (self._shadow is not None) + (CANARY,) * self.split:
-                metrics.touch_comparison(label)
+            if self._shadow is not None:
+                metrics.touch_comparison(SHADOW)
+            if self.config.canary is not None:
+                metrics.touch_comparison(CANARY)
         if self.config.canary is not None:
             self.canary = CanaryController(self.config.canary, self.config.run_path, self.router)
             self.canary.start()
@@ -380,13 +382,13 @@ class Farm:
                 self._shadow = lineups.pop(SHADOW, None)
                 self._lineups = lineups  # the switch: one assignment
                 self.generation += 1
-                used = {key for ln in lineups.values() for key in ln.breakers}
-                used |= set(self._shadow.breakers) if self._shadow else set()
+                served = {key for ln in lineups.values() for key in ln.breakers}
+                used = served | (set(self._shadow.breakers) if self._shadow else set())
                 self._breakers = {k: b for k, b in self._breakers.items() if k in used}
                 self._costs = {k: c for k, c in self._costs.items() if k in used}
                 self.clear_cache()  # invalidated on every reload that changes a version
                 self.caches = {k: c for k, c in self.caches.items() if k in used}
-                self.drift.retain({key for ln in lineups.values() for key in ln.breakers})
+                self.drift.retain(served)  # the shadow's reruns are not monitored
             self.rejected = rejected
             status = ReloadStatus(
                 at=time.time(),
@@ -574,9 +576,7 @@ class Farm:
             bpc = self._bytes_per_candidate
             bpc[kind] += 0.1 * (len(request.candidates) / len(ids) - bpc[kind])
         top_k = self._top_k(request.top_k, request.stage1_k)
-        pipeline = lineup.pipeline
-        result = pipeline.rank(ids, top_k, request.stage1_k, request.multi_stage, deadline)
-        result = replace(result, variant=lineup.variant)
+        result = _rank(lineup, ids, top_k, request.stage1_k, request.multi_stage, deadline)
         if result.stage1_scores is not None:  # served requests only: not shadow reruns
             self.drift.record(result.models[0], ids, result.stage1_scores)
         if self.comparator is not None and not result.degraded:
@@ -609,8 +609,7 @@ class Farm:
         """Rank a decoded, OOV-mapped id matrix with the variant's cascade: what ``/rank``
         runs after decoding, without a deadline or shadow comparison (offline scoring)."""
         _, lineup = self._require(variant)
-        result = lineup.pipeline.rank(ids, self._top_k(top_k, stage1_k), stage1_k, multi_stage)
-        return replace(result, variant=lineup.variant)
+        return _rank(lineup, ids, self._top_k(top_k, stage1_k), stage1_k, multi_stage)
 
     def _compare(self, lineup: Lineup, rank: Callable[..., RankResult], result: RankResult) -> None:
         """Hand a served ranking to the comparator: against the shadow lineup (a sampled
@@ -704,6 +703,19 @@ def _rejected_list(rejected: Mapping[str, str]) -> list[RejectedVersion]:
         public = _ABS_PATH.sub(_short_path, reason)
         out.append(RejectedVersion(name=name, version=version, reason=public))
     return out
+
+
+def _rank(
+    lineup: Lineup,
+    ids: np.ndarray,
+    top_k: int,
+    stage1_k: int | None,
+    multi_stage: bool,
+    deadline: Deadline | None = None,
+) -> RankResult:
+    """``lineup``'s cascade on ``ids``, the answer marked with its variant."""
+    result = lineup.pipeline.rank(ids, top_k, stage1_k, multi_stage, deadline)
+    return replace(result, variant=lineup.variant)
 
 
 def _score(lineup: Lineup, model: LoadedModel, ids: np.ndarray) -> np.ndarray:
