@@ -131,3 +131,13 @@ def write_model(
         card["distribution"] = distribution
     (out / "card.json").write_bytes(msgspec.json.encode(card))
     return out
+
+
+def copy_as_version(src: Path, out: Path, version: str) -> Path:
+    """A version dir's model and card copied to ``out`` under another card version (a new
+    model key with the same weights: what a training run hands over, without golden.json)."""
+    out.mkdir(parents=True)
+    (out / "model.onnx").write_bytes((src / "model.onnx").read_bytes())
+    card = msgspec.json.decode((src / "card.json").read_bytes())
+    (out / "card.json").write_bytes(msgspec.json.encode({**card, "version": version}))
+    return out

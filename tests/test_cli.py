@@ -22,6 +22,7 @@ from app.cli import COMMANDS, build_parser, config_from, main, setting_docs
 from app.config import REPO_ROOT, Config, load
 from app.offline import logs
 from app.sessions import MODEL_FILE
+from tests.fake_models import copy_as_version
 from tests.test_batch import make_input
 
 #: Per command: text its --help must show (defaults, and where a setting comes from).
@@ -253,19 +254,10 @@ def test_models_validate_a_corrupt_copy_fails(tmp_path: Path, capsys: pytest.Cap
     assert code == 1 and out.splitlines()[-1] == "0 of 1 models valid"
 
 
-def new_version_of(src: Path, out: Path, version: str) -> Path:
-    """A copy of a version under another card version (what a training run hands over)."""
-    shutil.copytree(src, out)
-    (out / "golden.json").unlink(missing_ok=True)
-    card = json.loads((out / "card.json").read_text())
-    (out / "card.json").write_text(json.dumps({**card, "version": version}))
-    return out
-
-
 def test_models_publish_is_atomic_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture):
     root = tmp_path / "models"
     shutil.copytree(REPO_ROOT / "models" / "deepfm", root / "deepfm")
-    good = new_version_of(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "2", "2")
+    good = copy_as_version(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "2", "2")
     code, out, _ = run_main(["models", "publish", str(good), "--root", str(root)], capsys)
     assert code == 0, out
     assert f"published deepfm/2 at {root / 'deepfm' / '2'}" in out
@@ -276,7 +268,7 @@ def test_models_publish_is_atomic_and_checked(tmp_path: Path, capsys: pytest.Cap
     # Versions are immutable; a broken one never appears, not even half-copied.
     code, _, err = run_main(["models", "publish", str(good), "--root", str(root)], capsys)
     assert code == 1 and "deepfm/2 already exists" in err
-    bad = new_version_of(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "3", "3")
+    bad = copy_as_version(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "3", "3")
     (bad / MODEL_FILE).write_bytes(b"not onnx")
     code, _, err = run_main(["models", "publish", str(bad), "--root", str(root)], capsys)
     assert code == 1 and "does not match card" in err

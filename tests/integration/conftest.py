@@ -273,6 +273,12 @@ def metric_sum(client: httpx.Client, name: str, **labels: str) -> float:
     )
 
 
+def metric_sum_at(url: str, name: str, **labels: str) -> float:
+    """:func:`metric_sum` of the farm at ``url`` (a connection of its own)."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        return metric_sum(client, name, **labels)
+
+
 # -- logs ------------------------------------------------------------------------------------
 def access_log(stack: Stack) -> list[dict[str, Any]]:
     """nginx's JSON access log lines (buffered: flushed every second)."""

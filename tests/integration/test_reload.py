@@ -30,6 +30,7 @@ from app import registry
 from app.sessions import CARD_FILE, MODEL_FILE, LoadedModel
 from app.stack import Stack
 from benchmarks.soak import OpenLoad, mixed_bodies
+from tests.fake_models import copy_as_version
 from tests.faults.test_lifecycle import UnixConnection, wait_until
 from tests.integration.conftest import start_stack
 
@@ -61,13 +62,7 @@ def served(stack: Stack, slot: int) -> dict[str, str]:
 
 def new_version(stack: Stack, name: str, version: str, tmp: Path) -> Path:
     """Version ``version`` of ``name``: version 1's weights under a new card version."""
-    repo = stack.config.model_dirs()[name]
-    src = tmp / name / version
-    src.mkdir(parents=True)
-    shutil.copy(repo / "1" / MODEL_FILE, src / MODEL_FILE)
-    card = json.loads((repo / "1" / CARD_FILE).read_text())
-    (src / CARD_FILE).write_text(json.dumps({**card, "version": version}))
-    return src
+    return copy_as_version(stack.config.model_dirs()[name] / "1", tmp / name / version, version)
 
 
 def validated(path: Path) -> LoadedModel:

@@ -12,9 +12,6 @@ workers, each test on its own stack.
 
 from __future__ import annotations
 
-import json
-import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,14 +23,14 @@ import numpy as np
 import pytest
 
 from app.config import Config
-from app.sessions import CARD_FILE, MODEL_FILE, read_card
+from app.sessions import read_card
 from app.stack import Stack
 from app.traffic import CANARY, STABLE, Router
 from benchmarks.openloop import run_closed_loop
 from benchmarks.ranking import candidates
 from benchmarks.soak import OpenLoad
-from tests.fake_models import write_model
-from tests.integration.conftest import start_stack
+from tests.fake_models import copy_as_version, write_model
+from tests.integration.conftest import metric_sum_at, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -42,24 +39,7 @@ KEYS = [f"user-{i}" for i in range(10_000)]
 
 def copy_version(models: Path, name: str, version: str) -> Path:
     """``name`` version 1's weights as another version (a different model key)."""
-    src, out = models / name / "1", models / name / version
-    out.mkdir()
-    shutil.copy(src / MODEL_FILE, out / MODEL_FILE)
-    card = json.loads((src / CARD_FILE).read_text())
-    (out / CARD_FILE).write_text(json.dumps({**card, "version": version}))
-    return out
-
-
-def metric_sum(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if not (line.startswith(name + "{") or line.startswith(name + " ")):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return copy_as_version(models / name / "1", models / name / version, version)
 
 
 def one_candidate(config: Config, rng: np.random.Generator) -> dict[str, int]:
@@ -99,7 +79,7 @@ def test_ab_split_over_10k_keys_matches_the_weights(ab_stack: Stack) -> None:
 
     expected = Counter(Router(list(WEIGHTS.items()), config.split_salt).choose(k) for k in KEYS)
     served = {
-        v: metric_sum(
+        v: metric_sum_at(
             ab_stack.url, "ctr_farm_variant_requests_total", variant=v, endpoint="/predict"
         )
         for v in WEIGHTS
@@ -169,7 +149,7 @@ def test_a_failing_canary_is_rolled_back(canary_stack: Stack) -> None:
     assert "error rate" in state["reason"] and state["weight"] == 0.0
     # The canary's rankings were degraded (stage 2 NaN), never errors to the client.
     assert {s.status for s in shots} == {200}
-    assert metric_sum(canary_stack.url, "ctr_farm_canary_status") == 2.0
+    assert metric_sum_at(canary_stack.url, "ctr_farm_canary_status") == 2.0
     # From now on stable answers every key, with both stages.
     time.sleep(1.5)  # both workers have read the rollback
     with httpx.Client(base_url=canary_stack.url, timeout=30) as client:
@@ -177,7 +157,7 @@ def test_a_failing_canary_is_rolled_back(canary_stack: Stack) -> None:
             answer = client.post(path, content=body).json()
             assert answer["variant"] == STABLE and not answer["degraded"], answer
             assert answer["models"] == ["deepfm/1", "autoint/1"]
-    assert metric_sum(canary_stack.url, "ctr_farm_variant_requests_total", variant=CANARY) > 0
+    assert metric_sum_at(canary_stack.url, "ctr_farm_variant_requests_total", variant=CANARY) > 0
 
 
 # -- shadow --------------------------------------------------------------------------------
@@ -213,9 +193,9 @@ def test_shadow_does_not_slow_the_reply(request: pytest.FixtureRequest) -> None:
             if name == "shadow":
                 time.sleep(0.5)  # the last comparisons finish
                 url, topk = stack.url, {"comparison": "shadow", "what": "topk"}
-                compared = metric_sum(url, "ctr_farm_agreement_count", **topk)
-                dropped = metric_sum(url, "ctr_farm_compare_dropped_total", comparison="shadow")
-                agreement = metric_sum(url, "ctr_farm_agreement_sum", **topk)
+                compared = metric_sum_at(url, "ctr_farm_agreement_count", **topk)
+                dropped = metric_sum_at(url, "ctr_farm_compare_dropped_total", comparison="shadow")
+                agreement = metric_sum_at(url, "ctr_farm_agreement_sum", **topk)
                 traffic = httpx.get(f"{url}/models", timeout=10).json()["traffic"]
         finally:
             for _ in stacks:
