@@ -14,11 +14,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.stack import Stack, running
 from benchmarks.overload import measure
+from tests.integration.conftest import metric_sum_at
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +46,8 @@ def stack() -> Iterator[Stack]:
 
 def shed_total(url: str) -> float:
     """503s the farm counted: the workers' (by reason) and nginx's own (the heavy lane)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("ctr_farm_shed_total{")
-        or line.startswith('ctr_farm_front_rejected_total{status="503"}')
-    )
+    shed = metric_sum_at(url, "ctr_farm_shed_total")
+    return shed + metric_sum_at(url, "ctr_farm_front_rejected_total", status="503")
 
 
 def test_twice_capacity_sheds_quickly_and_keeps_goodput(stack: Stack) -> None:
