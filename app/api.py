@@ -137,10 +137,14 @@ class RequestContext:
     def __init__(self, farm: Farm, goodput: Goodput, request_log: RequestLog | None = None) -> None:
         self.farm = farm
         self.goodput, self.request_log = goodput, request_log
+        #: The queue length last written to ``ctr_farm_queue_waiting``.
+        self._queued: int | None = None
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.t0 = time.perf_counter()
-        req.context.t_wall = time.time()
+        # PERF: nginx's X-Request-Start parsed once: the deadline and the SLA clock use it.
+        req.context.t_wall = t_wall = time.time()
+        req.context.waited_s = parse_start(req.get_header(START_HEADER), t_wall)
         metrics.IN_FLIGHT.inc()
         rid = req.get_header("X-Request-ID")
         if rid is None or not _REQUEST_ID_RE.match(rid):
@@ -173,8 +177,12 @@ class RequestContext:
                 metrics.stage_child(f"stage{i + 1}", key).observe(ms / 1e3)
             if result.reason is not None:
                 metrics.DEGRADED.labels(result.answered_by, result.reason).inc()
-        if self.farm.admission is not None:
-            metrics.QUEUED.set(self.farm.admission.waiting)
+        admission = self.farm.admission
+        if admission is not None and admission.waiting != self._queued:
+            # PERF: a gauge write only when the queue length changed (an inline /predict
+            # never changes it).
+            self._queued = admission.waiting
+            metrics.QUEUED.set(self._queued)
         if status == 503 and code is not None:
             metrics.SHED.labels(code).inc()
         elapsed = time.perf_counter() - t0
@@ -202,8 +210,7 @@ class RequestContext:
         code: str | None,
     ) -> None:
         """SLA outcome (timed from nginx's receipt) and the request-log row."""
-        t_wall = req.context.t_wall
-        waited_s = parse_start(req.get_header(START_HEADER), t_wall)
+        waited_s = req.context.waited_s
         outcome = self.goodput.record(endpoint, status, (waited_s + elapsed_s) * 1e3)
         if self.request_log is None:
             return
@@ -211,7 +218,7 @@ class RequestContext:
         self.request_log.record(
             Row(
                 request_id=req.context.request_id,
-                ts=t_wall,
+                ts=req.context.t_wall,
                 endpoint=endpoint,
                 status=status,
                 n_candidates=result.n_input if result else None if scores is None else len(scores),
@@ -336,7 +343,7 @@ def request_variant(farm: Farm, req: falcon.asgi.Request, user_key: str | None) 
 def request_deadline(farm: Farm, req: falcon.asgi.Request, field_ms: int | None) -> Deadline:
     """The budget from the body or header (or the default), minus the time since nginx."""
     header_ms = parse_timeout(req.get_header(TIMEOUT_HEADER))
-    return farm.deadline(field_ms, header_ms, req.get_header(START_HEADER))
+    return farm.deadline(field_ms, header_ms, req.context.waited_s)
 
 
 class RankResource:
@@ -384,9 +391,10 @@ class PredictResource:
             deadline=deadline,
         )
         req.context.model = model.key
-        name, _, version = model.key.partition("/")
         req.context.ctr = scores
-        answer = PredictResponse(ctr=scores.tolist(), model=name, version=version, variant=variant)
+        answer = PredictResponse(
+            ctr=scores.tolist(), model=model.name, version=model.version, variant=variant
+        )
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
 
 

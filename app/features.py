@@ -43,6 +43,8 @@ Id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 _JSON_WS = b" \t\r\n"
 _PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _COLON = ord(":")
+#: Bodies up to this size count their ``:`` with ``bytes.count`` (one copy, no numpy).
+_SMALL_BODY = 4096
 #: What decoding untrusted bytes can raise: msgspec's own errors, plus two that msgspec
 #: 0.22 lets through from Python: nesting deeper than the recursion limit (~1000 levels)
 #: and invalid UTF-8 in an object key or string. Every one is the client's fault.
@@ -165,7 +167,9 @@ class FeatureSpace:
         A/A noise of up to 5%). A msgpack list of objects would need a Python walk over
         every map header, so it is not checked: its last value wins.
         """
-        if kind == "json":
+        if kind == "json" and len(raw) <= _SMALL_BODY:
+            pairs = bytes(raw).count(b":")  # PERF: 0.1 us for one candidate; numpy's is 2 us
+        elif kind == "json":
             pairs = int(np.count_nonzero(np.frombuffer(raw, dtype=np.uint8) == _COLON))
         elif form == "objects":
             return

@@ -506,9 +506,11 @@ class Farm:
         """The variant that serves a request key (stable hash; see app/traffic.py)."""
         return self.router.choose(key)
 
-    def deadline(self, field_ms: int | None, header_ms: int | None, start: str | None) -> Deadline:
-        """The request's deadline; 503 at once if it has already passed (queued too long)."""
-        deadline = Deadline.from_request(field_ms, header_ms, self.config.default_timeout_ms, start)
+    def deadline(self, field_ms: int | None, header_ms: int | None, waited_s: float) -> Deadline:
+        """The request's deadline; 503 at once if it has already passed (queued too long).
+        ``waited_s``: the time since nginx received it (``parse_start``)."""
+        budget = field_ms or header_ms or self.config.default_timeout_ms
+        deadline = Deadline(budget, waited_s)
         if deadline.remaining_ms() <= 0:
             raise DeadlineExceeded(
                 f"the request waited {deadline.elapsed_ms():.0f} ms before reaching a worker;"
