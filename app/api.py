@@ -46,6 +46,7 @@ from app.schema import (
     ErrorBody,
     ErrorDetail,
     HealthResponse,
+    HelloResponse,
     ModelsResponse,
     PredictRequest,
     PredictResponse,
@@ -381,14 +382,8 @@ class PredictResource:
         request = self.codec.decode(body, kind, PredictRequest)
         deadline = request_deadline(self.farm, req, request.timeout_ms)
         variant = request_variant(self.farm, req, request.user_key)
-        scores, model = await self.farm.call(
-            self.farm.predict,
-            request,
-            kind,
-            variant,
-            cost_ms=0.0,
-            body_bytes=len(body),
-            deadline=deadline,
+        scores, model = await self.farm.serve_predict(
+            request, kind, variant, body_bytes=len(body), deadline=deadline
         )
         req.context.model = model.key
         req.context.ctr = scores
@@ -396,6 +391,18 @@ class PredictResource:
             ctr=scores.tolist(), model=model.name, version=model.version, variant=variant
         )
         self.codec.write(resp, answer, self.codec.response_kind(req, kind))
+
+
+class HelloResource:
+    """``GET /hello``: a tiny JSON through the same nginx location, middleware and worker
+    as ``/predict``, nothing else: the stack's own cost per request (issue 5's ratio)."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.answer = codec.json_encoder.encode(HelloResponse(hello="ctr-farm"))
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.data, resp.content_type = self.answer, JSON
 
 
 class HealthResource:
@@ -541,6 +548,7 @@ def create_app(
     app = falcon.asgi.App(middleware=middleware, cors_enable=False)
     app.add_route("/rank", RankResource(farm, codec))
     app.add_route("/predict", PredictResource(farm, codec))
+    app.add_route("/hello", HelloResource(codec))
     app.add_route("/health", HealthResource(codec))
     app.add_route("/ready", ReadyResource(farm, codec))
     app.add_route("/models", ModelsResource(farm, codec))

@@ -139,6 +139,14 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: the executor above it (rankings: the loop must not stall for their milliseconds).
     inference: Literal["auto", "executor", "inline"] = "auto"
     inline_max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024
+    #: Micro-batching of concurrent one-candidate ``/predict`` calls that run inline
+    #: (app/batching.py): at most this many rows per model run; 1 = off. On: 2 workers x
+    #: pool 1 did 1.4-1.9x the /predict RPS at 0.55-0.67x the worker CPU per request
+    #: (docs/results/issue5_predict.md).
+    predict_batch_max: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    #: How long a batch waits for more rows after its first, beyond the event loop's
+    #: next turn (0: only the requests that arrived in the same turn share a run).
+    predict_batch_wait_us: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     #: Warm-up batches per session before ``/ready`` says yes.
     warmup_runs: Annotated[int, msgspec.Meta(ge=0)] = 3
     #: The sessions of a pool share one copy of each model's weights (ORT shared

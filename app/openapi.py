@@ -43,6 +43,7 @@ from app.schema import (
     CardField,
     ErrorBody,
     HealthResponse,
+    HelloResponse,
     ModelsResponse,
     PredictRequest,
     PredictResponse,
@@ -119,6 +120,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         request=PredictRequest,
         responses={200: ("one CTR per candidate, in order", PredictResponse), **_BODY_ERRORS},
         ok_types=BODY_TYPES,
+    ),
+    ("/hello", "GET"): Operation(
+        summary="A trivial answer through the whole stack (its cost floor per request)",
+        responses={200: ("always the same tiny JSON", HelloResponse)},
     ),
     ("/health", "GET"): Operation(
         summary="The worker process is alive",

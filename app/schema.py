@@ -97,6 +97,12 @@ class ErrorBody(msgspec.Struct):
     request_id: str | None = None
 
 
+class HelloResponse(msgspec.Struct):
+    """``GET /hello``: the trivial answer (the floor of a request's cost through the stack)."""
+
+    hello: str
+
+
 class HealthResponse(msgspec.Struct):
     status: str
     pid: int

@@ -26,6 +26,7 @@ import numpy as np
 
 from app import metrics, registry, tracing
 from app.admission import Admission
+from app.batching import PredictBatcher
 from app.breaker import Breaker
 from app.cache import CachedScorer, ScoreCache
 from app.config import Config
@@ -166,6 +167,8 @@ class Farm:
         self.caches: dict[str, ScoreCache] = {}
         #: Inference threads and their queue (``load()``; none when ``inline``).
         self.admission: Admission | None = None
+        #: Pending one-candidate /predict batches (``predict_batch_max`` > 1).
+        self.batcher: PredictBatcher | None = None
         #: Bytes of request body per candidate, by wire format: estimates a request's
         #: size (hence its cost) before its candidates are decoded.
         self._bytes_per_candidate: dict[ContentKind, float] = {"json": 250.0, "msgpack": 60.0}
@@ -226,6 +229,12 @@ class Farm:
                 aging_ms=self.config.queue_aging_ms,
                 retry_after_s=self.config.retry_after_s,
                 on_start=metrics.QUEUE_WAIT.observe,
+            )
+        if self.config.predict_batch_max > 1:
+            self.batcher = PredictBatcher(
+                self.config.predict_batch_max,
+                self.config.predict_batch_wait_us,
+                self.config.retry_after_s,
             )
         self.ready = True
         metrics.WORKERS.set(1)
@@ -534,9 +543,7 @@ class Farm:
         ``body_bytes`` decides in ``auto`` mode; ``cost_ms`` orders the admission queue.
         """
         admission = self.admission
-        if admission is None or (
-            self.config.inference == "auto" and body_bytes <= self.config.inline_max_body_bytes
-        ):
+        if admission is None or self._inline(body_bytes):
             # PERF: inline, /predict did 3855 vs 3217 RPS (+20%) and 386 vs 468 us of worker
             # CPU per request (docs/ARCHITECTURE.md, "Measured choices"). Inline work
             # blocks the loop, so it needs no slot: it cannot overlap another inline one.
@@ -556,6 +563,52 @@ class Farm:
             raise
         finally:
             watchdog.cancel()
+
+    def _inline(self, body_bytes: int) -> bool:
+        """Does a request of this size run on the event loop (no admission, no hop)?"""
+        if self.admission is None:
+            return True
+        return self.config.inference == "auto" and body_bytes <= self.config.inline_max_body_bytes
+
+    async def serve_predict(
+        self,
+        request: PredictRequest,
+        kind: ContentKind,
+        variant: str = "",
+        body_bytes: int = 0,
+        deadline: Deadline | None = None,
+    ) -> tuple[np.ndarray, LoadedModel]:
+        """``/predict``: one candidate that runs inline joins its model's micro-batch
+        (``predict_batch_max`` > 1); anything else runs as :meth:`predict` via :meth:`call`."""
+        batcher = self.batcher
+        if (
+            batcher is not None
+            and request.candidate
+            and not request.candidates
+            and self._inline(body_bytes)
+        ):
+            features, lineup = self._require(variant)
+            model = self._model(lineup, request.model)
+            ids = features.decode_one(request.candidate, kind)
+            run = partial(self._run_batch, lineup, model)
+            return await batcher.submit(model.key, ids, run, deadline), model
+        return await self.call(
+            self.predict,
+            request,
+            kind,
+            variant,
+            cost_ms=0.0,
+            body_bytes=body_bytes,
+            deadline=deadline,
+        )
+
+    def _run_batch(
+        self, lineup: Lineup, model: LoadedModel, key: str, ids: np.ndarray
+    ) -> np.ndarray:
+        """One run of a micro-batch: what :meth:`predict` does after decoding."""
+        scores = _score(lineup, model, ids)
+        self.drift.record(key, ids, scores)
+        return scores
 
     def estimate_rank_ms(self, request: RankRequest, kind: ContentKind) -> float:
         """Model time of a ranking, from its body size, before decoding the candidates."""
@@ -627,7 +680,7 @@ class Farm:
 
     def predict(
         self, request: PredictRequest, kind: ContentKind, variant: str = ""
-    ) -> tuple[np.ndarray, Scorer]:
+    ) -> tuple[np.ndarray, LoadedModel]:
         features, lineup = self._require(variant)
         model = self._model(lineup, request.model)
         if bool(request.candidate) == bool(request.candidates):

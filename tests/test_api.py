@@ -575,3 +575,13 @@ def test_request_log_rows_through_the_lifespan(tmp_path: Path, fake_models: Path
     assert predicted["outcome"] == "within" and predicted["queue_ms"] == 0.0
     late_row = rows["log-4"]
     assert late_row["queue_ms"] >= 150 and late_row["outcome"] == "over"
+
+
+# -- /hello --------------------------------------------------------------------------------
+def test_hello_is_a_tiny_json_through_the_middleware(client) -> None:
+    result = client.simulate_get("/hello", headers={"X-Request-ID": "hello-1"})
+    assert result.status_code == 200
+    assert result.headers["content-type"] == JSON
+    assert msgspec.json.decode(result.content) == {"hello": "ctr-farm"}
+    assert result.headers["x-request-id"] == "hello-1"  # the request middleware ran
+    error_of(client.simulate_post("/hello", body=b"{}"), 405, "method_not_allowed")
