@@ -46,9 +46,17 @@ class _Batch:
 class PredictBatcher:
     """Pending batches by model version, for one event loop (one worker's)."""
 
-    def __init__(self, max_rows: int, wait_us: int, retry_after_s: int = 1) -> None:
+    def __init__(
+        self,
+        max_rows: int,
+        wait_us: int,
+        retry_after_s: int = 1,
+        on_run: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.max_rows, self.wait_s = max_rows, wait_us / 1e6
         self.retry_after_s = retry_after_s
+        #: ``on_run(key, rows)`` after each successful run (the batch-size metric).
+        self.on_run = on_run
         self._pending: dict[str, _Batch] = {}
         self._runs: dict[str, RunBatch] = {}
         #: Runs and rows so far (``rows / runs``: the mean batch size).
@@ -109,5 +117,7 @@ class PredictBatcher:
             return
         self.runs += 1
         self.rows += len(rows)
+        if self.on_run is not None:
+            self.on_run(key, len(rows))
         for i, waiter in enumerate(waiters):
             waiter.set_result(scores[i : i + 1])

@@ -89,6 +89,12 @@ STAGE_LATENCY = Histogram(
 CANDIDATES = Histogram(
     "ctr_farm_candidates", "Candidates per /rank request", buckets=_CANDIDATE_BUCKETS
 )
+PREDICT_BATCH_ROWS = Histogram(
+    "ctr_farm_predict_batch_rows",
+    "Rows per micro-batched /predict model run (predict_batch_max > 1; 1 = ran alone)",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 IN_FLIGHT = Gauge("ctr_farm_in_flight", "Requests inside the app now", multiprocess_mode="livesum")
 QUEUED = Gauge(
     "ctr_farm_queue_waiting",

@@ -235,6 +235,7 @@ class Farm:
                 self.config.predict_batch_max,
                 self.config.predict_batch_wait_us,
                 self.config.retry_after_s,
+                on_run=lambda key, rows: metrics.PREDICT_BATCH_ROWS.labels(key).observe(rows),
             )
         self.ready = True
         metrics.WORKERS.set(1)

@@ -69,6 +69,22 @@ def test_concurrent_predictions_share_a_run_each_caller_gets_its_own_row(
     assert batching_farm.batcher.runs < N  # they did share runs
 
 
+def test_each_run_is_observed_in_the_batch_size_histogram(batching_farm: Farm) -> None:
+    from app import metrics
+
+    def observed() -> tuple[float, float]:
+        samples = metrics.PREDICT_BATCH_ROWS.collect()[0].samples
+        count = sum(s.value for s in samples if s.name.endswith("_count"))
+        total = sum(s.value for s in samples if s.name.endswith("_sum"))
+        return count, total
+
+    count0, sum0 = observed()
+    asyncio.run(post_all(batching_farm, [{"candidate": c} for c in candidate_objects(rows(N))]))
+    count, total = observed()
+    assert total - sum0 == N  # every row counted once
+    assert count - count0 == batching_farm.batcher.runs  # one observation per run
+
+
 def test_bad_input_in_one_request_does_not_affect_the_others(batching_farm: Farm) -> None:
     ids = rows(N, seed=1)
     bodies: list[Any] = [{"candidate": c} for c in candidate_objects(ids)]
