@@ -16,9 +16,10 @@ For every model (a version directory, or a bare ``.onnx`` candidate) this
   (``app.service.load_model`` with the default :class:`app.config.Config` at intra 1,
   pool 1), all models interleaved round-robin per batch size;
 
-and reports ``time / bound`` with two bounds: ``peak`` (GEMM FLOPs / the large square
-GEMM's rate: what the FMA units could do) and ``shapes`` (the time numpy's BLAS needs
-for the model's own GEMM shapes alone, each at its measured rate). Everything that is
+and reports ``time / bound`` with two bounds: ``peak`` (GEMM FLOPs / the best rate numpy
+reached on any GEMM, large squares or the model's shapes: what the FMA units can do) and
+``shapes`` (the time numpy's BLAS needs for the model's own GEMM shapes alone, each at
+its measured rate). Everything that is
 not a GEMM (softmax, elementwise, copies, gathers) counts as zero in both bounds.
 
 It also reports the cascade's FLOP ratio ``A(n) / (D(n) + A(k))``: the model-only
@@ -61,7 +62,8 @@ MATMULS = {
     "DynamicQuantizeMatMul",
 }
 QUANT = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
-LARGE_SQUARE = 1024
+#: Square GEMM sizes whose best rate is the machine's "peak" (with the model's own shapes).
+SQUARES = (512, 1024, 2048)
 INPUT, OUTPUT = "ids", "ctr"
 
 
@@ -244,19 +246,24 @@ def gemm_seconds(shape: tuple[int, int, int, int], min_time: float = 0.2) -> flo
 
 @dataclass
 class Machine:
-    square_gflops: float
-    #: seconds numpy needs per distinct GEMM shape.
+    #: best single-thread rate of the large square GEMMs, per size.
+    square_gflops: dict[int, float]
+    #: seconds numpy needs per distinct GEMM shape of the models.
     shape_seconds: dict[tuple[int, int, int, int], float]
 
     def rate(self, shape: tuple[int, int, int, int]) -> float:
         b, m, k, n = shape
         return 2 * b * m * k * n / self.shape_seconds[shape] / 1e9
 
+    @property
+    def peak_gflops(self) -> float:
+        """The best rate seen on any GEMM, square or the models' own: the strictest bound."""
+        return max([*self.square_gflops.values(), *map(self.rate, self.shape_seconds)])
+
 
 def measure_machine(shapes: Sequence[tuple[int, int, int, int]], min_time: float) -> Machine:
-    sq = LARGE_SQUARE
-    square = 2 * sq**3 / gemm_seconds((1, sq, sq, sq), min_time) / 1e9
-    return Machine(square, {s: gemm_seconds(s, min_time) for s in sorted(set(shapes))})
+    squares = {n: 2 * n**3 / gemm_seconds((1, n, n, n), 2 * min_time) / 1e9 for n in SQUARES}
+    return Machine(squares, {s: gemm_seconds(s, min_time) for s in sorted(set(shapes))})
 
 
 # -- the models in ORT ---------------------------------------------------------------------
@@ -304,6 +311,48 @@ def time_models(
     return out
 
 
+def profile_ops(path: Path, ids: np.ndarray, runs: int, work_dir: Path) -> Counter:
+    """ORT's own profile (the farm's session options + profiling): kernel time per op type
+    per run, in ms, of the graph ORT really runs (after its fusions)."""
+    import json
+
+    from app.sessions import session_options
+
+    opts = session_options(1, 1)
+    opts.enable_profiling = True
+    work_dir.mkdir(parents=True, exist_ok=True)
+    opts.profile_file_prefix = str(work_dir / path.parent.name)
+    sess = ort.InferenceSession(str(path), opts, ["CPUExecutionProvider"])
+    sess.run([OUTPUT], {INPUT: ids})  # warm-up: sized allocations, first-run costs
+    total: Counter = Counter()
+    start = time.perf_counter()
+    for _ in range(runs):
+        sess.run([OUTPUT], {INPUT: ids})
+    wall = (time.perf_counter() - start) / runs
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    for e in kernels[len(kernels) // (runs + 1) :]:  # skip the warm-up run's nodes
+        total[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+    total["(wall per run)"] = wall * 1e3
+    return total
+
+
+def profile_markdown(profiles: dict[str, Counter], batch: int) -> str:
+    ops = sorted({op for p in profiles.values() for op in p if op != "(wall per run)"},
+                 key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))  # fmt: skip
+    labels = list(profiles)
+    lines = [
+        f"ORT profile at batch {batch} (kernel ms per run by op type, farm session options):",
+        "",
+        "| op | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for op in [*ops, "(wall per run)"]:
+        cells = [f"{profiles[x][op]:.2f}" if profiles[x].get(op) else "-" for x in labels]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the study -----------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -338,7 +387,7 @@ def study(
     times = time_models(runners, ids, batches, repeats, warmup)
     rows = []
     for (label, batch), work in works.items():
-        peak = work.gemm_flops / (machine.square_gflops * 1e9)
+        peak = work.gemm_flops / (machine.peak_gflops * 1e9)
         by_shape = sum(machine.shape_seconds[g.shape] for g in work.gemms)
         rows.append(Row(label, batch, work, times[(label, batch)], peak, by_shape))
     return rows, machine
@@ -357,8 +406,11 @@ def cascade_flop_ratio(
 def markdown(rows: Sequence[Row], machine: Machine) -> str:
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, ORT {ort.__version__}, "
-        f"numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas_threads()}; single-thread "
-        f"fp32 GEMM {LARGE_SQUARE}^3: **{machine.square_gflops:.1f} GFLOP/s**.",
+        f"numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas_threads()}. Single-thread fp32 "
+        "GEMM, square: "
+        + ", ".join(f"{n}^3 {r:.1f}" for n, r in machine.square_gflops.items())
+        + f" GFLOP/s; peak (best of those and the shapes below): "
+        f"**{machine.peak_gflops:.1f} GFLOP/s**.",
         "",
         "| model | batch | GEMM MFLOP/row | other elem ops/row | gathered B/row | p50 ms "
         "| p95 | p99 | GFLOP/s | bound peak ms | time/peak | bound shapes ms | time/shapes |",

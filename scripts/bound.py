@@ -16,8 +16,16 @@ os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import REPO_ROOT
+from app.offline import logs
 from app.registry import versions
-from benchmarks.bound import cascade_flop_ratio, markdown, study
+from benchmarks.bound import (
+    Runner,
+    cascade_flop_ratio,
+    markdown,
+    profile_markdown,
+    profile_ops,
+    study,
+)
 from benchmarks.cli import int_list
 
 
@@ -34,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gemm-min-time", type=float, default=0.2)
     parser.add_argument("--cascade", default="100,1000", help="stage1_k,n of the FLOP ratio")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="also ORT-profile each model at this batch"
+    )
+    parser.add_argument("--profile-runs", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     paths = args.models or [
@@ -53,6 +65,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"ratio {measured:.2f}x"
                 )
         text += "\n".join(lines) + "\n"
+    if args.profile:
+        ids = logs.generate(args.profile, 1000).id_matrix()
+        work = REPO_ROOT / "run" / "bound-profiles"
+        profiles = {
+            r.label: profile_ops(r.onnx_path, ids, args.profile_runs, work)
+            for r in map(Runner, paths)
+        }
+        text += "\n" + profile_markdown(profiles, args.profile)
     sys.stdout.write(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

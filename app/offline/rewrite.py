@@ -22,15 +22,23 @@ replaces each layer by:
   projections to ``[batch, 4*heads, fields, head_dim]``, head-group Slices, two batched
   MatMuls, Softmax, one Transpose back).
 
+:func:`rewrite_deepfm` (``fm-gemm``) does the same for DeepFM's first-order and FM terms.
+
 Every variant is checked against the original on held-out ids (tests/offline). The
-chosen one ships as a new model version (``derive``, then ``ctr-farm models publish``):
+chosen ones ship as new model versions (``derive``, then ``models publish``; run from the
+repository root so that ``app`` and ``models`` are this checkout's):
 
     .venv/bin/python -m app.offline.rewrite models/autoint/1 run/derived/autoint-2
-    .venv/bin/ctr-farm models publish run/derived/autoint-2
+    .venv/bin/python -m app.offline.rewrite models/deepfm/1 run/derived/deepfm-2 \\
+        --transform fm-gemm
+    .venv/bin/python -m app models publish --root models run/derived/autoint-2
 
-``derive`` also makes the INT8 DeepFM (``--transform int8``: ORT's ``quantize_dynamic``,
-per-channel, ``reduce_range``; docs/results/quantize.md). Both record the card's
-metrics re-measured on the card's own valid and test splits.
+``derive`` can also make dynamic INT8 versions (``--transform int8``: ORT's
+``quantize_dynamic``, per-channel, ``reduce_range``; docs/results/quantize.md), but none
+ships: dynamic INT8 quantises the activations with ONE scale per tensor, i.e. per batch,
+so a candidate's score depends on the other candidates of its batch (3e-4 of CTR between
+/predict in batches of 64 and offline scoring; docs/results/issue5_models.md). Every
+derived card records its metrics re-measured on the card's own valid and test splits.
 """
 
 from __future__ import annotations
@@ -281,8 +289,98 @@ def rewrite_autoint(
     return dest
 
 
+# -- DeepFM --------------------------------------------------------------------------------
+DEEPFM_KEEP = ("Less", "Greater", "Or", "Where", "Gather", "Flatten", "Relu", "Gemm")
+
+
+def rewrite_deepfm(src: Path, dest: Path) -> Path:
+    """DeepFM's first-order, FM and calibration terms as GEMMs chained by their C inputs.
+
+    The export sums over fields with four ReduceSums (16 % of DeepFM's time at batch
+    1000) and adds the terms one Add at a time. Here, with ``e`` the flattened embeddings
+    ``[batch, fields * dim]`` and ``S`` the ``[fields * dim, dim]`` stack of identities:
+    ``sum_f e = e S``, ``sum_f e^2 = (e * e) S``, ``fm = ((eS)^2 - (e*e)S) (0.5 * 1)``;
+    the first-order term is ``lin 1`` with the model bias, the last DNN bias and the
+    calibration shift as its C, itself the C of the FM Gemm, itself the C of the last
+    DNN Gemm. Same function; sums in another order (differences ~1e-7 of the logit)."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in graph.node
+        if n.op_type == "Constant"
+    }
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    gathers = {n.input[0]: n for n in graph.node if n.op_type == "Gather"}
+    has_fm = any(n.op_type == "Pow" for n in graph.node)  # the FM's squares
+    if "model.linear.table.weight" not in gathers or len(gemms) < 2 or not has_fm:
+        raise ValueError(f"{src}: not a DeepFM export")
+    last = gemms[-1]
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    sigmoid_in = next(n for n in graph.node if n.op_type == "Sigmoid").input[0]
+    shift_node = next(n for n in graph.node if n.output[0] == sigmoid_in)  # Add(logit, shift)
+    shift = float(next(consts[i] for i in shift_node.input if i in consts))
+    emb = inits["model.embed.table.weight"]
+    fields = int(np.prod(consts["/model/linear/Constant_3_output_0"].shape))  # the offsets
+    dim = emb.shape[1]
+    stack = np.tile(np.eye(dim, dtype=np.float32), (fields, 1))  # [fields * dim, dim]
+    bias = inits["model.bias"].astype(np.float64) + inits[last.input[2]].astype(np.float64)
+    p = "/rw/deepfm/"
+    kept = [
+        n
+        for n in graph.node
+        if (n.op_type in DEEPFM_KEEP and n is not last)
+        or (n.op_type == "Constant" and n.output[0].startswith("/model/linear/"))
+        or (n.op_type == "Add" and n.output[0] == "/model/linear/Add_output_0")
+    ]
+    lin = gathers["model.linear.table.weight"].output[0]
+    new_nodes = [
+        helper.make_node("Reshape", [lin, p + "rows16"], [p + "lin"], name=p + "lin"),
+        helper.make_node(
+            "Gemm", [p + "lin", p + "ones_f", p + "bias"], [p + "first"], name=p + "first"
+        ),
+        helper.make_node("MatMul", [flatten.output[0], p + "S"], [p + "sum"], name=p + "sum"),
+        helper.make_node("Mul", [flatten.output[0], flatten.output[0]], [p + "e2"], name=p + "e2"),
+        helper.make_node("MatMul", [p + "e2", p + "S"], [p + "sumsq"], name=p + "sumsq"),
+        helper.make_node("Mul", [p + "sum", p + "sum"], [p + "sum2"], name=p + "sum2"),
+        helper.make_node("Sub", [p + "sum2", p + "sumsq"], [p + "diff"], name=p + "diff"),
+        helper.make_node("Gemm", [p + "diff", p + "half", p + "first"], [p + "fm"], name=p + "fm"),
+        helper.make_node(
+            "Gemm",
+            [last.input[0], last.input[1], p + "fm"],
+            [p + "logit"],
+            name=p + "logit",
+            transB=1,
+        ),
+        helper.make_node("Sigmoid", [p + "logit"], [p + "ctr2"], name=p + "sigmoid"),
+        helper.make_node("Reshape", [p + "ctr2", p + "flat"], ["ctr"], name=p + "ctr"),
+    ]
+    new_inits = {
+        "rows16": np.array([-1, fields], np.int64),
+        "ones_f": np.ones((fields, 1), np.float32),
+        "bias": np.array([bias.item() + shift], np.float32),
+        "S": stack,
+        "half": np.full((dim, 1), 0.5, np.float32),
+        "flat": np.array([-1], np.int64),
+    }
+    del graph.node[:]
+    graph.node.extend(kept + new_nodes)
+    graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in new_inits.items())
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.value_info[:]
+    onnx.checker.check_model(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest))
+    return dest
+
+
 # -- new model versions from old ones ------------------------------------------------------
-TRANSFORMS = ("attention", "contrib-attention", "mha", "fused", "int8")
+#: AutoInt rewrites (VARIANTS), the DeepFM rewrite, and dynamic INT8 (of either model).
+TRANSFORMS = (*VARIANTS, "fm-gemm", "int8")
 
 
 def predict(path: Path, ids: np.ndarray, batch: int = 65536) -> np.ndarray:
@@ -367,6 +465,8 @@ def derive(src_dir: Path, dest: Path, transform: str, version: str | None = None
     model = dest / "model.onnx"
     if transform == "int8":
         quantize_int8(src_dir / "model.onnx", model)
+    elif transform == "fm-gemm":
+        rewrite_deepfm(src_dir / "model.onnx", model)
     else:
         rewrite_autoint(src_dir / "model.onnx", model, transform)
     metrics = card_metrics(model, src_dir / "model.onnx", card)

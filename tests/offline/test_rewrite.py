@@ -13,7 +13,14 @@ import pytest
 
 from app.config import REPO_ROOT
 from app.offline import logs
-from app.offline.rewrite import VARIANTS, derive, predict, quantize_int8, rewrite_autoint
+from app.offline.rewrite import (
+    VARIANTS,
+    derive,
+    predict,
+    quantize_int8,
+    rewrite_autoint,
+    rewrite_deepfm,
+)
 from app.sessions import sha256_of
 
 AUTOINT_1 = REPO_ROOT / "models" / "autoint" / "1"
@@ -69,6 +76,34 @@ def test_rejects_unknown_variant_and_non_autoint(tmp_path: Path) -> None:
         rewrite_autoint(DEEPFM_1 / "model.onnx", tmp_path / "m.onnx")
 
 
+def test_deepfm_rewrite_computes_the_same_ctrs(tmp_path: Path, ids: np.ndarray) -> None:
+    out = rewrite_deepfm(DEEPFM_1 / "model.onnx", tmp_path / "m.onnx")
+    want = predict(DEEPFM_1 / "model.onnx", ids)
+    got = predict(out, ids)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops["ReduceSum"] == 0 and ops["Pow"] == 0 and ops["Gather"] == 2
+    with pytest.raises(ValueError, match="not a DeepFM export"):
+        rewrite_deepfm(AUTOINT_1 / "model.onnx", tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("model", ["autoint", "deepfm"])
+def test_fp32_rewrites_score_a_row_the_same_in_any_batch(
+    model: str, tmp_path: Path, ids: np.ndarray
+) -> None:
+    """What the farm relies on (the cache, offline scoring == /predict, stage 2 on the
+    survivors only): a row's score does not depend on the other rows of its batch."""
+    if model == "autoint":
+        out = rewrite_autoint(AUTOINT_1 / "model.onnx", tmp_path / "m.onnx")
+    else:
+        out = rewrite_deepfm(DEEPFM_1 / "model.onnx", tmp_path / "m.onnx")
+    whole = predict(out, ids[:1000])
+    for start, size in ((0, 64), (100, 100), (37, 2), (500, 500)):
+        part = predict(out, ids[start : start + size])
+        assert np.array_equal(part, whole[start : start + size]), (start, size)
+
+
 def test_int8_keeps_attention_fp32_and_stays_close(
     tmp_path: Path, ids: np.ndarray, reference: np.ndarray
 ) -> None:
@@ -78,6 +113,9 @@ def test_int8_keeps_attention_fp32_and_stays_close(
     assert ops["Attention"] == 3 and ops["QAttention"] == 0 and ops["MatMulInteger"] > 0
     got = predict(int8, ids)
     assert 0 < np.abs(got - reference).max() < 5e-3  # quantised: close, not equal
+    # Why no INT8 version ships: one activation scale per tensor, i.e. per batch, so a
+    # row's score moves with the other rows of its batch.
+    assert not np.array_equal(predict(int8, ids[:64]), got[:64])
 
 
 def test_derive_writes_a_publishable_card(tmp_path: Path) -> None:
