@@ -289,6 +289,56 @@ def rewrite_autoint(
     return dest
 
 
+def fold_first_layer(src: Path, dest: Path) -> Path:
+    """Fold layer 0's Q/K/V/residual projections into the embedding table (measured, not
+    shipped): layer 0's input is ``Gather(table, ids)``, so ``Gather(table) W`` equals
+    ``Gather(table W)``; four ``[rows, dim]`` tables (``table W``, computed in float64)
+    replace the table and the layer's four GEMMs (-22 % of the FLOPs) at the price of
+    4x the table's bytes. ``src`` must be an ``attention`` rewrite."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    p = "/rw/attention.0/"
+    if p + "Wq" not in inits:
+        raise ValueError(f"{src}: not an 'attention' rewrite")
+    table = inits["model.embed.table.weight"].astype(np.float64)
+    gather = next(
+        n for n in graph.node if n.op_type == "Gather" and n.input[0] == "model.embed.table.weight"
+    )
+    idx = gather.input[1]
+    out0 = next(n for n in graph.node if n.name == p + "r3").output[0]
+    tables = {t: (table @ inits[p + "W" + t]).astype(np.float32) for t in ("q", "k", "v", "r")}
+    drop = {gather.name, p + "q", p + "k", p + "v", p + "x2", p + "a2", p + "res", p + "relu"}
+    drop.add(p + "r3")
+    nodes = []
+    for node in graph.node:
+        if node.name in drop and node is not gather:
+            if node.name in (p + "q", p + "k", p + "v"):
+                t = node.name[-1]
+                nodes.append(
+                    helper.make_node("Gather", [p + "T" + t, idx], [p + t], name=node.name)
+                )
+            elif node.name == p + "r3":
+                nodes += [
+                    helper.make_node("Gather", [p + "Tr", idx], [p + "r0"], name=p + "r0"),
+                    helper.make_node("Add", [p + "attn", p + "r0"], [p + "sum0"], name=p + "add0"),
+                    helper.make_node("Relu", [p + "sum0"], [out0], name=p + "relu0"),
+                ]
+            continue
+        if node is not gather:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(numpy_helper.from_array(v, p + "T" + k) for k, v in tables.items())
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dest))
+    return dest
+
+
 # -- DeepFM --------------------------------------------------------------------------------
 DEEPFM_KEEP = ("Less", "Greater", "Or", "Where", "Gather", "Flatten", "Relu", "Gemm")
 

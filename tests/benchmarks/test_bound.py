@@ -66,3 +66,25 @@ def test_bound_script_smoke(tmp_path: Path) -> None:
     assert "OPENBLAS_NUM_THREADS=1" in text
     assert "| autoint/1 | 8 | 2.360 |" in text and "| deepfm/1 | 4 | 0.148 |" in text
     assert "FLOP ratio **" in text
+
+
+@pytest.mark.integration
+def test_model_variants_script_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "variants.md"
+    run_proc(
+        "scripts/model_variants.py",
+        *("--batches", "8", "--repeats", "2", "--option-repeats", "1"),
+        *("--work-dir", str(tmp_path / "work"), "--out", str(out)),
+        timeout_s=180,
+    )
+    text = out.read_text()
+    # Version 1 against itself; the served rewrites exact or within 1e-5, batch-invariant.
+    assert "| autoint v1 | " in text and "| 1.000x | 0.0e+00 | yes |" in text
+    assert "| autoint-attention | " in text and "| deepfm-fm-gemm | " in text
+    for line in text.splitlines():
+        if line.startswith(("| autoint-attention |", "| deepfm-fm-gemm |")):
+            cells = [c.strip() for c in line.split("|")]
+            assert float(cells[-4]) <= 1e-5 and cells[-3] == "yes", line
+        if "-int8 |" in line:
+            assert "| NO |" in line  # one activation scale per batch
+    assert "| offline-optimised | iobinding |" in text

@@ -16,6 +16,7 @@ from app.offline import logs
 from app.offline.rewrite import (
     VARIANTS,
     derive,
+    fold_first_layer,
     predict,
     quantize_int8,
     rewrite_autoint,
@@ -102,6 +103,20 @@ def test_fp32_rewrites_score_a_row_the_same_in_any_batch(
     for start, size in ((0, 64), (100, 100), (37, 2), (500, 500)):
         part = predict(out, ids[start : start + size])
         assert np.array_equal(part, whole[start : start + size]), (start, size)
+
+
+def test_layer0_fold_computes_the_same_ctrs(
+    tmp_path: Path, ids: np.ndarray, reference: np.ndarray
+) -> None:
+    rewritten = rewrite_autoint(AUTOINT_1 / "model.onnx", tmp_path / "m.onnx")
+    out = fold_first_layer(rewritten, tmp_path / "fold.onnx")
+    got = predict(out, ids)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5)
+    inits = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert "model.embed.table.weight" not in inits  # replaced by the four folded tables
+    assert np.array_equal(predict(out, ids[:64]), got[:64])
+    with pytest.raises(ValueError, match="not an 'attention' rewrite"):
+        fold_first_layer(AUTOINT_1 / "model.onnx", tmp_path / "x.onnx")
 
 
 def test_int8_keeps_attention_fp32_and_stays_close(
