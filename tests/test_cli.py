@@ -21,6 +21,7 @@ import app.offline
 from app.cli import COMMANDS, build_parser, config_from, main, setting_docs
 from app.config import REPO_ROOT, Config, load
 from app.offline import logs
+from app.registry import next_version, versions
 from app.sessions import MODEL_FILE
 from tests.fake_models import copy_as_version
 from tests.test_batch import make_input
@@ -197,6 +198,21 @@ def test_a_bad_setting_names_it(capsys: pytest.CaptureFixture, tmp_path: Path) -
 
 
 # -- models --------------------------------------------------------------------------------------
+#: The versions under models/ ("autoint/1", ...), and the newest (served) one per model.
+BUNDLED = [
+    f"{name}/{v.name}"
+    for name in ("autoint", "deepfm")
+    for v in versions(REPO_ROOT / "models" / name)
+]
+NEWEST = {
+    name: f"{name}/{versions(REPO_ROOT / 'models' / name)[-1].name}"
+    for name in ("autoint", "deepfm")
+}
+ARCH = {"autoint": "AutoInt", "deepfm": "DeepFM"}
+#: Every version so far is the same function (rewrites of version 1): the same test AUC.
+AUC = {"autoint": "0.7575", "deepfm": "0.7619"}
+
+
 def test_models_list(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CTR_FARM_CONFIG", raising=False)
     code, out, _ = run_main(["models", "list"], capsys)
@@ -213,15 +229,21 @@ def test_models_list(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPa
         "SERVED",
         "AS",
     ]
-    assert lines[1].split()[:3] == ["autoint/1", "AutoInt", "0.7575"]
-    assert lines[1].endswith("stage 2, /predict")
-    assert lines[2].split()[:3] == ["deepfm/1", "DeepFM", "0.7619"]
-    assert lines[2].endswith("stage 1 (keeps 100)")
+    # Every bundled version, oldest first per model; the newest of each is the served one.
+    rows = lines[1:-1]
+    assert [r.split()[0] for r in rows] == BUNDLED
+    served = {"autoint": "stage 2, /predict", "deepfm": "stage 1 (keeps 100)"}
+    for row in rows:
+        key = row.split()[0]
+        name = key.split("/")[0]
+        assert row.split()[1:3] == [ARCH[name], AUC[name]]
+        assert row.endswith(served[name] if key == NEWEST[name] else "-"), row
     code, out, _ = run_main(["models", "list", "--json"], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
-    assert [r["model"] for r in rows] == ["autoint/1", "deepfm/1"]
+    assert [r["model"] for r in rows] == BUNDLED
+    deepfm_1 = BUNDLED.index("deepfm/1")
     assert (
-        rows[1]["sha256"]
+        rows[deepfm_1]["sha256"]
         == json.loads((REPO_ROOT / "models/deepfm/1/card.json").read_text())["sha256"]
     )
 
@@ -229,10 +251,11 @@ def test_models_list(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPa
 def test_models_validate_the_bundled_models(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_main(["models", "validate"], capsys)
     assert code == 0, out
-    assert out.splitlines()[-1] == "2 of 2 models valid"
-    for key in ("autoint/1", "deepfm/1"):
+    n = len(BUNDLED)
+    assert out.splitlines()[-1] == f"{n} of {n} models valid"
+    for key in BUNDLED:
         assert f"ok    {key}  " in out
-    assert out.count("card, sha256, onnxruntime, warm-up, golden request (16 rows)") == 2
+    assert out.count("card, sha256, onnxruntime, warm-up, golden request (16 rows)") == n
 
 
 def test_models_validate_a_corrupt_copy_fails(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -248,7 +271,7 @@ def test_models_validate_a_corrupt_copy_fails(tmp_path: Path, capsys: pytest.Cap
     assert f"FAIL  deepfm/1  {root / 'deepfm' / '1'}: " in out
     assert "model.onnx: sha256 " in out and " does not match card 3d52c260" in out
     assert f"ok    autoint/1  {root / 'autoint' / '1'}" in out
-    assert out.splitlines()[-1] == "1 of 2 models valid"
+    assert out.splitlines()[-1] == f"{len(BUNDLED) - 1} of {len(BUNDLED)} models valid"
     # One model by path: the same verdict.
     code, out, _ = run_main(["models", "validate", str(root / "deepfm" / "1")], capsys)
     assert code == 1 and out.splitlines()[-1] == "0 of 1 models valid"
@@ -257,29 +280,33 @@ def test_models_validate_a_corrupt_copy_fails(tmp_path: Path, capsys: pytest.Cap
 def test_models_publish_is_atomic_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture):
     root = tmp_path / "models"
     shutil.copytree(REPO_ROOT / "models" / "deepfm", root / "deepfm")
-    good = copy_as_version(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "2", "2")
+    before = sorted(p.name for p in (root / "deepfm").iterdir())
+    new = next_version(root / "deepfm")
+    good = copy_as_version(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / new, new)
     code, out, _ = run_main(["models", "publish", str(good), "--root", str(root)], capsys)
     assert code == 0, out
-    assert f"published deepfm/2 at {root / 'deepfm' / '2'}" in out
+    assert f"published deepfm/{new} at {root / 'deepfm' / new}" in out
     assert "kill -HUP" in out  # how to make the farm serve it
-    assert (root / "deepfm" / "2" / "golden.json").is_file()  # recorded at publish
-    code, out, _ = run_main(["models", "validate", str(root / "deepfm" / "2")], capsys)
+    assert (root / "deepfm" / new / "golden.json").is_file()  # recorded at publish
+    code, out, _ = run_main(["models", "validate", str(root / "deepfm" / new)], capsys)
     assert code == 0 and out.splitlines()[-1] == "1 of 1 models valid"
     # Versions are immutable; a broken one never appears, not even half-copied.
     code, _, err = run_main(["models", "publish", str(good), "--root", str(root)], capsys)
-    assert code == 1 and "deepfm/2 already exists" in err
-    bad = copy_as_version(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / "3", "3")
+    assert code == 1 and f"deepfm/{new} already exists" in err
+    nxt = str(int(new) + 1)
+    bad = copy_as_version(REPO_ROOT / "models" / "deepfm" / "1", tmp_path / "build" / nxt, nxt)
     (bad / MODEL_FILE).write_bytes(b"not onnx")
     code, _, err = run_main(["models", "publish", str(bad), "--root", str(root)], capsys)
     assert code == 1 and "does not match card" in err
-    assert sorted(p.name for p in (root / "deepfm").iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in (root / "deepfm").iterdir()) == sorted([*before, new])
 
 
 def test_models_describe(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CTR_FARM_CONFIG", raising=False)
     code, out, _ = run_main(["models", "describe", "deepfm"], capsys)
     assert code == 0
-    assert out.startswith(f"deepfm/1  DeepFM  {REPO_ROOT / 'models' / 'deepfm' / '1'}")
+    newest = NEWEST["deepfm"].split("/")[1]
+    assert out.startswith(f"{NEWEST['deepfm']}  DeepFM  {REPO_ROOT / 'models' / 'deepfm' / newest}")
     assert "test AUC 0.7619" in out and "served as   stage 1 (keeps 100)" in out
     assert "golden      golden.json" in out
     assert "    domain                 24000      24000" in out
@@ -289,7 +316,7 @@ def test_models_describe(capsys: pytest.CaptureFixture, monkeypatch: pytest.Monk
     code, _, err = run_main(["models", "describe", "wide-and-deep"], capsys)
     assert code == 1
     assert "ctr-farm models: no model 'wide-and-deep' under" in err
-    assert "(known: autoint/1, deepfm/1)" in err
+    assert f"(known: {', '.join(BUNDLED)})" in err
 
 
 # -- make-logs, train ------------------------------------------------------------------------------

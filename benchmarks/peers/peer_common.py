@@ -25,10 +25,18 @@ import numpy as np
 import onnxruntime as ort
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS = {
-    "deepfm": REPO_ROOT / "models" / "deepfm" / "1",
-    "autoint": REPO_ROOT / "models" / "autoint" / "1",
-}
+
+
+def newest_version(repo: Path) -> Path:
+    """The version the farm serves by default: the highest-numbered dir with a card
+    (``app.registry.newest``, restated here: the peers never import ``app``)."""
+    found = [p for p in repo.iterdir() if p.name.isdigit() and (p / "card.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"{repo}: no model version")
+    return max(found, key=lambda p: int(p.name))
+
+
+MODELS = {name: newest_version(REPO_ROOT / "models" / name) for name in ("deepfm", "autoint")}
 PREDICT_MODEL = "autoint"
 DEFAULT_TOP_K, DEFAULT_STAGE1_K = 10, 100
 MAX_CANDIDATES, MAX_PREDICT_CANDIDATES = 5000, 64

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from app.config import REPO_ROOT
+from app.registry import newest
 from benchmarks import memory
 from tests.benchmarks.scripts import run_proc
 
@@ -89,9 +91,12 @@ def test_probes_show_the_pool_sharing_its_memory() -> None:
     same traffic."""
     separate = memory.spawn(memory.Probe(2, False, False, calls=3, n=200, stage1_k=50))
     shared = memory.spawn(memory.Probe(2, True, True, calls=3, n=200, stage1_k=50))
-    assert separate["shared_initializers"] == {"deepfm/1": 0, "autoint/1": 0}
-    assert shared["shared_initializers"]["deepfm/1"] >= 10
-    assert shared["shared_initializers"]["autoint/1"] >= 10
+    served = [
+        f"{name}/{newest(REPO_ROOT / 'models' / name).name}" for name in ("deepfm", "autoint")
+    ]
+    assert separate["shared_initializers"] == dict.fromkeys(served, 0)
+    for key in served:
+        assert shared["shared_initializers"][key] >= 10
     for run in (separate, shared):
         assert run["callers"] == 2
         assert len(run["samples"]["cpu"]) == 6

@@ -45,11 +45,17 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
 
     A retrain may be rewriting ``models/`` right now: copy until the copied model's
     sha256 matches the copied card (bounded retries).
+
+    The served version is stored as version 1 of the snapshot (its card's ``version``
+    rewritten, nothing else): the tests that publish, re-version or corrupt versions
+    2 and up above it, and expect ``deepfm/1`` / ``autoint/1`` in answers, stay
+    independent of how many versions ``models/`` holds, while every test, the
+    brute-force reference included, runs the version the farm really serves.
     """
     overrides: dict[str, str] = {}
     for name, setting in load(env={}).model_dirs().items():
         src = registry.newest(setting)
-        out = dest / name / src.name
+        out = dest / name / "1"
         out.mkdir(parents=True, exist_ok=True)
         for _ in range(attempts):
             card_bytes = (src / CARD_FILE).read_bytes()
@@ -60,7 +66,8 @@ def snapshot_models(dest: Path, attempts: int = 20) -> dict[str, str]:
             time.sleep(1.0)
         else:
             pytest.fail(f"{src}: model.onnx never matched card.json's sha256 (retrain running?)")
-        (out / CARD_FILE).write_bytes(card_bytes)
+        card_json = msgspec.json.decode(card_bytes)
+        (out / CARD_FILE).write_bytes(msgspec.json.encode({**card_json, "version": "1"}))
         (out / MODEL_FILE).write_bytes(model_bytes)
         if (src / registry.GOLDEN_FILE).is_file():
             shutil.copy(src / registry.GOLDEN_FILE, out / registry.GOLDEN_FILE)

@@ -96,7 +96,8 @@ def test_repeated_rankings_hit_the_cache_and_keep_the_exact_scores(
 def rows_ort_scores_differently_alone(
     reference: Reference, candidates: Candidates, count: int
 ) -> list[np.ndarray]:
-    """Rows whose DeepFM score from a one-row batch differs from a batched one (~4%)."""
+    """Rows whose DeepFM score from a one-row batch differs from a batched one (~4% with
+    deepfm/1, none with deepfm/2)."""
     rng = np.random.default_rng(7)
     found = []
     for _ in range(5000):
@@ -107,6 +108,11 @@ def rows_ort_scores_differently_alone(
             found.append(row)
             if len(found) == count:
                 return found
+    if not found:
+        # deepfm/2 (app/offline/rewrite.py, fm-gemm) scores a one-row batch bit for bit
+        # like a larger one: no row to mis-score alone. tests/test_cache.py still checks
+        # that a lone miss is scored in a batch of two and a one-row batch bypasses.
+        pytest.skip("the served DeepFM scores one-row batches like larger ones")
     pytest.fail(f"only {len(found)} of 5000 rows score differently alone")
 
 
