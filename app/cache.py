@@ -23,8 +23,9 @@ scores only the misses, and stores them. Off unless ``cache_entries`` > 0
 - **Threads.** One lock per cache, held for the lookup and for the store, never while
   the model runs.
 - **Exact scores.** ONNX Runtime scores a one-row batch on another code path (GEMV) than
-  a batch of two or more, and ~4% of rows then differ in the last bit (DeepFM and AutoInt,
-  ORT 1.31.1, measured on 2000 rows; batches of 2 to 1500 rows gave identical bits). So a
+  a batch of two or more, and some rows then differ in the last bit (ORT 1.31.1, 2000
+  rows: ~3% for deepfm/1 and autoint/1-2; none for deepfm/2, whose FM sums are GEMMs;
+  batches of 2 to 1500 rows gave identical bits). So a
   batch of one row bypasses the cache, and a single miss is scored in a batch of two (the
   row twice): a cached score is bit for bit the score the uncached cascade computes.
 
