@@ -164,6 +164,16 @@ def run_probe(probe: Probe) -> dict[str, Any]:
     }
 
 
+def read_pss(pid: int) -> float:
+    """Proportional set size of a process in MiB (shared pages split among their users:
+    the workers' common libraries and the pages they still share with the master)."""
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 # -- the real stack -------------------------------------------------------------------------
 def stack_rss(
     probe: Probe, requests: int = 600, concurrency: int = 12, workers: int = 2
@@ -203,6 +213,7 @@ def stack_rss(
             with ThreadPoolExecutor(concurrency) as pool:
                 codes = list(pool.map(send, range(requests)))
         after = {pid: read_status(f"/proc/{pid}/status") for pid in pids}
+        pss = {pid: read_pss(pid) for pid in pids}
     return {
         "probe": asdict(probe),
         "workers": workers,
@@ -210,12 +221,16 @@ def stack_rss(
         "ok": codes.count(200),
         "booted_VmRSS_mib": [booted[p]["VmRSS"] for p in pids],
         "after_VmRSS_mib": [after[p]["VmRSS"] for p in pids],
+        "after_Pss_mib": [pss[p] for p in pids],
     }
 
 
 def stack_table(runs: Sequence[dict[str, Any]]) -> str:
-    head = "| pool | sessions | workers | RSS per worker booted | after traffic | requests ok |"
-    rows = [head, "|--:|--:|--:|--:|--:|--:|"]
+    head = (
+        "| pool | sessions | workers | RSS per worker booted | after traffic"
+        " | PSS after traffic | requests ok |"
+    )
+    rows = [head, "|--:|--:|--:|--:|--:|--:|--:|"]
     for r in runs:
         p = r["probe"]
         rows.append(
@@ -224,6 +239,7 @@ def stack_table(runs: Sequence[dict[str, Any]]) -> str:
             f" | {r['workers']}"
             f" | {' / '.join(f'{v:.1f}' for v in r['booted_VmRSS_mib'])}"
             f" | {' / '.join(f'{v:.1f}' for v in r['after_VmRSS_mib'])}"
+            f" | {' / '.join(f'{v:.1f}' for v in r.get('after_Pss_mib', []))}"
             f" | {r['ok']}/{r['requests']} |"
         )
     return "\n".join(rows)

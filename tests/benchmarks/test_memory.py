@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,11 @@ def test_settings_run_side_by_side_and_get_ratios() -> None:
     assert ort["pool 6: shared weights+arena, off / shared weights+arena, on"] == 0.5
 
 
+def test_read_pss_is_at_most_rss() -> None:
+    pss = memory.read_pss(os.getpid())
+    assert 1 < pss <= memory.read_status()["VmRSS"] + 1
+
+
 def test_read_status_in_mib() -> None:
     status = memory.read_status()
     assert set(status) == set(memory.STATUS_KEYS)
@@ -166,3 +172,18 @@ def test_memory_script_smoke(tmp_path: Path) -> None:
     assert lines[0].startswith("pool_size,share_weights,shared_arena,variant")
     assert len(lines) == 5
     assert out.with_suffix(".md").read_text().startswith("# Worker memory")
+
+
+def test_stack_table_shows_rss_and_pss_per_worker() -> None:
+    run = {
+        "probe": {"pool_size": 6, "share_weights": True, "shared_arena": True, "label": "off"},
+        "workers": 2,
+        "requests": 10,
+        "ok": 10,
+        "booted_VmRSS_mib": [145.6, 145.7],
+        "after_VmRSS_mib": [154.2, 154.4],
+        "after_Pss_mib": [120.5, 121.0],
+    }
+    table = memory.stack_table([run])
+    assert "| 6 | shared weights+arena, off | 2 | 145.6 / 145.7 | 154.2 / 154.4" in table
+    assert "| 120.5 / 121.0 | 10/10 |" in table
