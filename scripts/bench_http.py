@@ -40,6 +40,17 @@ def names(allowed: tuple[str, ...]):
     return parse
 
 
+def override(text: str) -> tuple[str, object]:
+    """``key=value`` (the value as JSON, else a string) -> a Config override."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value; got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1000, help="candidates (1000)")
@@ -50,6 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=100, help="measured rounds (100)")
     p.add_argument("--warmup", type=int, default=10, help="unmeasured rounds first (10)")
     p.add_argument("--intra-threads", type=int, default=1, help="(1)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        type=override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Config override for the stack and the in-process farm (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke: 2 rounds, n 50")
     p.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     return p.parse_args(argv)
@@ -59,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.n, args.stage1_k = 2, 1, 50, 20
-    overrides = {"intra_threads": args.intra_threads, "warmup_runs": 1}
+    overrides = {"intra_threads": args.intra_threads, "warmup_runs": 1, **dict(args.overrides)}
     with paths_for(overrides, args.paths) as paths:
         from app.config import load
 
