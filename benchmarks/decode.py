@@ -144,3 +144,62 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{r['vs_first_p50']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def parts(config: Config, n: int = 1000, rounds: int = 30, batch: int = 20) -> list[dict[str, Any]]:
+    """The objects form's decode in parts, old and new way side by side (interleaved):
+    msgspec into ``list[Candidate]`` with ids typed ``Id`` (bounded) vs ``int``; the
+    structs into the int64 matrix by ``np.fromiter(chain(astuple))`` vs ``struct`` packing;
+    the repeated-key colon count. Per part and kind: p50 ms per call."""
+    import itertools
+    import struct
+
+    from app.features import _COLON, Id
+
+    card = read_card(config.model_dirs()[config.stages[0].model])
+    names = [f.name for f in card.fields]
+    raws = payloads(card.fields, n)
+    width = len(names)
+    row = struct.Struct(f"={width}q")
+    astuple = msgspec.structs.astuple
+
+    def structs(id_type: Any) -> Any:
+        return msgspec.defstruct(
+            "Candidate", [(f, id_type) for f in names], forbid_unknown_fields=True, gc=False
+        )
+
+    rows = []
+    for kind in KINDS:
+        mod = msgspec.json if kind == "json" else msgspec.msgpack
+        raw = raws["objects", kind]
+        bounded = mod.Decoder(list[structs(Id)])  # type: ignore[valid-type]
+        plain = mod.Decoder(list[structs(int)])  # type: ignore[valid-type]
+        value = plain.decode(raw)
+        cases: dict[str, Callable[[], Any]] = {
+            "msgspec decode, ids Id (before)": lambda b=bounded, r=raw: b.decode(r),
+            "msgspec decode, ids int (after)": lambda p=plain, r=raw: p.decode(r),
+            "to matrix, fromiter(chain) (before)": lambda v=value: np.fromiter(
+                itertools.chain.from_iterable(map(astuple, v)), np.int64, count=len(v) * width
+            ),
+            "to matrix, struct pack (after)": lambda v=value: np.frombuffer(
+                bytearray().join(itertools.starmap(row.pack, map(astuple, v))), np.int64
+            ),
+        }
+        if kind == "json":
+            cases["repeated-key colon count"] = lambda r=raw: np.count_nonzero(
+                np.frombuffer(r, np.uint8) == _COLON
+            )
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for r in range(rounds + 1):
+            order = list(cases) if r % 2 == 0 else list(cases)[::-1]
+            for name in order:
+                fn, times = cases[name], samples[name]
+                for _ in range(batch):
+                    t0 = time.perf_counter()
+                    fn()
+                    t1 = time.perf_counter()
+                    if r:
+                        times.append((t1 - t0) * 1e3)
+        for name, times in samples.items():
+            rows.append({"kind": kind, "part": name, "p50_ms": statistics.median(times)})
+    return rows

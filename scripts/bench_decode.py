@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import load
-from benchmarks.decode import CURRENT, features_at, markdown, measure
+from benchmarks.decode import CURRENT, features_at, markdown, measure, parts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="candidates (1000)")
     p.add_argument("--rounds", type=int, default=30, help="measured rounds (30)")
     p.add_argument("--batch", type=int, default=20, help="calls per implementation per round")
+    p.add_argument("--parts", action="store_true", help="also the objects form's parts")
     p.add_argument("--quick", action="store_true", help="smoke: 2 rounds of 2 calls, n 50")
     p.add_argument("--out", type=Path, help="write <out>.md and <out>.json")
     return p.parse_args(argv)
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     implementations[CURRENT] = FeatureSpace
     rows = measure(implementations, load(), args.n, args.rounds, args.batch)
     table = markdown(rows)
+    if args.parts:
+        split = parts(load(), args.n, args.rounds, args.batch)
+        lines = ["| kind | part (objects form) | p50 ms |", "|---|---|---|"]
+        lines += [f"| {r['kind']} | {r['part']} | {r['p50_ms']:.3f} |" for r in split]
+        table += "\n\n" + "\n".join(lines)
     command = " ".join([".venv/bin/python scripts/bench_decode.py", *(argv or sys.argv[1:])])
     print(table)
     print(f"(load average {os.getloadavg()[0]:.2f})")

@@ -16,7 +16,9 @@ from tests.benchmarks.scripts import run_proc
 
 def test_bench_decode_quick(tmp_path: Path) -> None:
     out = tmp_path / "decode"
-    proc = run_proc("scripts/bench_decode.py", "--quick", "--out", str(out))
+    proc = run_proc("scripts/bench_decode.py", "--quick", "--parts", "--out", str(out))
+    assert "| json | to matrix, struct pack (after) |" in proc.stdout
+    assert "| msgpack | msgspec decode, ids Id (before) |" in proc.stdout
     assert "| objects | json |" in proc.stdout and "| columns | msgpack |" in proc.stdout
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     cells = {(r["form"], r["kind"]) for r in rows}
