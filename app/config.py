@@ -156,6 +156,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: run on 1000 rows left 63 MiB in the arena with it, 32 without, at the same ORT time
     #: (docs/results/issue5_decode_memory.md).
     mem_pattern: bool = False
+    #: ORT's weight prepacking (off: ``session.disable_prepacking``). A session prepacks
+    #: the weights of its MatMul/Gemm nodes into a layout of its own, one copy per session
+    #: even with ``share_weights`` (the Python API has no shared prepacked-weights
+    #: container): at pool 6 that was ~10 MiB per worker (docs/results/issue5_decode_memory.md).
+    prepack_weights: bool = True
     #: Write an ONNX Runtime profile (per-node timings, Chrome trace JSON) per session to
     #: ``<run_dir>/ort-profiles/``, when the worker closes. For short diagnostic runs: an
     #: AutoInt run on 100 rows took 18% longer, and each run adds ~58 KB of events that

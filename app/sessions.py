@@ -227,6 +227,7 @@ class LoadedModel:
         share_weights: bool = False,
         shared_arena: bool = False,
         mem_pattern: bool = True,
+        prepack: bool = True,
         profile_dir: Path | None = None,
     ) -> None:
         self.dir = model_dir
@@ -248,6 +249,7 @@ class LoadedModel:
         self.profile_dir = profile_dir
         self.shared_arena = shared_arena
         self.mem_pattern = mem_pattern
+        self.prepack = prepack
         self.profiles: list[Path] = []
         try:
             if shared_arena:
@@ -293,6 +295,8 @@ class LoadedModel:
         if self.shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         opts.enable_mem_pattern = self.mem_pattern
+        if not self.prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             opts.enable_profiling = True
