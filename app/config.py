@@ -153,8 +153,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: input shape, one block sized for the whole run, planned ahead. Off: ORT allocates
     #: tensor by tensor from the arena, which the next runs reuse. The planned block comes
     #: on top of the arena's chunks from the first run (an arena never shrinks): an AutoInt
-    #: run on 1000 rows left 63 MiB in the arena with it, 32 without, at the same ORT time
-    #: (docs/results/issue5_decode_memory.md).
+    #: run on 1000 rows left 63 MiB in the arena with it, 32 without. Off: 33 MiB less per
+    #: worker at every pool size, the cascade's ORT time 0.97-1.01x, but one-row runs
+    #: (/predict of one candidate) +5-6%, ~9 us (docs/results/issue5_decode_memory.md).
     mem_pattern: bool = False
     #: ORT's weight prepacking (off: ``session.disable_prepacking``). A session prepacks
     #: the weights of its MatMul/Gemm nodes into a layout of its own, one copy per session

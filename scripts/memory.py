@@ -18,11 +18,10 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cli import int_list
+from benchmarks.cli import int_list, setting
 from benchmarks.memory import (
     VARIANTS,
     grid,
@@ -44,23 +43,6 @@ def variant_list(text: str) -> tuple[tuple[bool, bool], ...]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"variants are {sorted(VARIANT_FLAGS)}; got {unknown}")
     return tuple(VARIANT_FLAGS[n] for n in names)
-
-
-def setting(text: str) -> tuple[str, dict[str, Any]]:
-    """``LABEL:key=value,key=value`` (values as JSON, else strings) -> (label, overrides)."""
-    label, sep, rest = text.partition(":")
-    if not sep or not label.strip():
-        raise argparse.ArgumentTypeError(f"expected LABEL:key=value,...; got {text!r}")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, (i.strip() for i in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise argparse.ArgumentTypeError(f"expected key=value; got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return label.strip(), overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
