@@ -155,7 +155,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: on top of the arena's chunks from the first run (an arena never shrinks): an AutoInt
     #: run on 1000 rows left 63 MiB in the arena with it, 32 without. Off: 33 MiB less per
     #: worker at every pool size, the cascade's ORT time 0.97-1.01x, but one-row runs
-    #: (/predict of one candidate) +5-6%, ~9 us (docs/results/issue5_decode_memory.md).
+    #: (/predict of one candidate) +5-7%, ~9 us (docs/results/issue5_decode_memory.md).
     mem_pattern: bool = False
     #: ORT's weight prepacking (off: ``session.disable_prepacking``). A session prepacks
     #: the weights of its MatMul/Gemm nodes into a layout of its own, one copy per session
