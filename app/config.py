@@ -157,6 +157,19 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     #: Both on: pool 6 holds 167 MiB per worker instead of 526, pool 1 155 instead of 149,
     #: same CPU per call (docs/results/memory.md).
     shared_arena: bool = True
+    #: ORT's memory pattern (``SessionOptions.enable_mem_pattern``): after a first run per
+    #: input shape, one block sized for the whole run, planned ahead. Off: ORT allocates
+    #: tensor by tensor from the arena, which the next runs reuse. The planned block comes
+    #: on top of the arena's chunks from the first run (an arena never shrinks): an AutoInt
+    #: run on 1000 rows left 63 MiB in the arena with it, 32 without. Off: 33 MiB less per
+    #: worker at every pool size, the cascade's ORT time 0.97-1.01x, but one-row runs
+    #: (/predict of one candidate) +5-7%, ~9 us (docs/results/issue5_decode_memory.md).
+    mem_pattern: bool = False
+    #: ORT's weight prepacking (off: ``session.disable_prepacking``). A session prepacks
+    #: the weights of its MatMul/Gemm nodes into a layout of its own, one copy per session
+    #: even with ``share_weights`` (the Python API has no shared prepacked-weights
+    #: container): at pool 6 that was ~10 MiB per worker (docs/results/issue5_decode_memory.md).
+    prepack_weights: bool = True
     #: Write an ONNX Runtime profile (per-node timings, Chrome trace JSON) per session to
     #: ``<run_dir>/ort-profiles/``, when the worker closes. For short diagnostic runs: an
     #: AutoInt run on 100 rows took 18% longer, and each run adds ~58 KB of events that

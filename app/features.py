@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import struct
 import threading
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -37,8 +38,12 @@ Form = Literal["objects", "rows", "columns"]
 ContentKind = Literal["json", "msgpack"]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-#: Ids must fit int64; values outside the vocabulary are legal and map to OOV.
+#: Ids must fit int64; values outside the vocabulary are legal and map to OOV. The hot
+#: decoders type ids as plain ``int`` (see ``FeatureSpace.decode``); ``Id``'s bound is
+#: checked by the strict decoders, on the error path only.
 Id = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+#: What packing a decoded int outside int64 into the matrix raises.
+_PACK_ERRORS = (struct.error, OverflowError)
 
 _JSON_WS = b" \t\r\n"
 _PATH_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -100,14 +105,25 @@ class FeatureSpace:
         for name in self.names:  # exported from 0, before the first OOV id
             metrics.oov_child(name)
 
+        self._row = struct.Struct(f"={self.width}q")  # one candidate -> 8 * k bytes
+        # PERF: two decoder sets. The hot one types ids as plain ``int``: the ``Id`` bound
+        # costs ~25% of an objects decode (0.59 -> 0.47 ms per 1000 x 16 JSON). An int
+        # outside int64 then decodes (msgspec takes JSON ints of any size, msgpack up to
+        # uint64) and fails the int64 packing in ``to_matrix``; any failure of the hot
+        # decoder or of the packing re-decodes with the strict set (``Id``), which raises
+        # exactly the error and path the strict decode always raised.
+        self._decoders = self._build_decoders(int, max_candidates)
+        self._strict = self._build_decoders(Id, max_candidates)
+
+    def _build_decoders(self, id_type: Any, max_candidates: int) -> dict[Any, Any]:
         bounded = msgspec.Meta(min_length=1, max_length=max_candidates)
         obj = msgspec.defstruct(
-            "Candidate", [(n, Id) for n in self.names], forbid_unknown_fields=True, gc=False
+            "Candidate", [(n, id_type) for n in self.names], forbid_unknown_fields=True, gc=False
         )
-        row = tuple.__class_getitem__((Id,) * self.width)  # fixed length: msgspec checks it
+        row = tuple.__class_getitem__((id_type,) * self.width)  # fixed length: msgspec checks
         cols = msgspec.defstruct(
             "CandidateColumns",
-            [(n, Annotated[list[Id], bounded]) for n in self.names],
+            [(n, Annotated[list[id_type], bounded]) for n in self.names],
             forbid_unknown_fields=True,
         )
         types: dict[Form, Any] = {
@@ -115,14 +131,13 @@ class FeatureSpace:
             "rows": Annotated[list[row], bounded],
             "columns": cols,
         }
-        self._decoders: dict[tuple[ContentKind, Form], Any] = {}
+        decoders: dict[Any, Any] = {}
         for form, typ in types.items():
-            self._decoders["json", form] = msgspec.json.Decoder(typ)
-            self._decoders["msgpack", form] = msgspec.msgpack.Decoder(typ)
-        self._single = {
-            "json": msgspec.json.Decoder(obj),
-            "msgpack": msgspec.msgpack.Decoder(obj),
-        }
+            decoders["json", form] = msgspec.json.Decoder(typ)
+            decoders["msgpack", form] = msgspec.msgpack.Decoder(typ)
+        decoders["json", "single"] = msgspec.json.Decoder(obj)
+        decoders["msgpack", "single"] = msgspec.msgpack.Decoder(obj)
+        return decoders
 
     # -- decoding ------------------------------------------------------------------------
     def decode(self, raw: bytes | msgspec.Raw, kind: ContentKind, path: str = "candidates"):
@@ -138,20 +153,34 @@ class FeatureSpace:
             raise InvalidRequest("Expected at least one candidate", field=path)
         try:
             value = self._decoders[kind, form].decode(raw)
-        except DECODE_ERRORS as exc:
-            raise error_from_msgspec(exc, path) from exc
+            ids = self._pack(value, form)
+        except (*DECODE_ERRORS, *_PACK_ERRORS) as exc:
+            raise self._strict_error(raw, kind, form, path) from exc
         if form != "rows":
             n = len(value) if form == "objects" else 1
             self._reject_duplicate_keys(raw, kind, form, n, path)
-        return self.to_matrix(value, form, path), form
+        return self._finish(ids, value, form, path), form
 
     def decode_one(self, raw: bytes | msgspec.Raw, kind: ContentKind, path: str = "candidate"):
         try:
-            value = self._single[kind].decode(raw)
-        except DECODE_ERRORS as exc:
-            raise error_from_msgspec(exc, path) from exc
+            value = self._decoders[kind, "single"].decode(raw)
+            ids = self._pack([value], "objects")
+        except (*DECODE_ERRORS, *_PACK_ERRORS) as exc:
+            raise self._strict_error(raw, kind, "single", path) from exc
         self._reject_duplicate_keys(raw, kind, "single", 1, path)
-        return self.to_matrix([value], "objects", path)
+        return self._finish(ids, [value], "objects", path)
+
+    def _strict_error(
+        self, raw: bytes | msgspec.Raw, kind: ContentKind, form: str, path: str
+    ) -> InvalidRequest | MalformedBody:
+        """Error path only: the error the strict decoder (ids bounded to int64) raises."""
+        try:
+            self._strict[kind, form].decode(raw)
+        except DECODE_ERRORS as exc:
+            return error_from_msgspec(exc, path)
+        # The hot decode or packing failed on what the strict decoder accepts: not expected
+        # (both take the same types); still the client's body, never a 500.
+        return InvalidRequest("Ids must be integers within int64", field=path)
 
     def _reject_duplicate_keys(
         self, raw: bytes | msgspec.Raw, kind: ContentKind, form: str, n: int, path: str
@@ -177,28 +206,49 @@ class FeatureSpace:
             pairs = _msgpack_map_len(bytes(memoryview(raw)[:5]))
         expected = n * self.width if form == "objects" else self.width
         if pairs != expected:
+            try:  # an id beyond int64 before the repeat is what the strict decode named
+                self._strict[kind, form].decode(raw)
+            except DECODE_ERRORS as exc:
+                raise error_from_msgspec(exc, path) from exc
             field = _first_repeated_key(raw, form, path) if kind == "json" else path
             raise InvalidRequest("Object contains a repeated key", field=field)
 
     def to_matrix(self, value: Any, form: Form, path: str) -> np.ndarray:
+        """Decoded candidates (any form) -> the id matrix [n, k], OOV mapped. Raises
+        ``struct.error`` / ``OverflowError`` for an id outside int64."""
+        return self._finish(self._pack(value, form), value, form, path)
+
+    def _pack(self, value: Any, form: Form) -> bytearray:
+        """The ids as native int64 bytes, row-major for objects and rows, column-major for
+        columns (struct fails on any id outside int64).
+        PERF (1000 x 16, best of 5 x 300): objects 0.21 ms vs 0.42 for
+        ``np.fromiter(chain(astuple))``; rows 0.16 vs 0.53 for ``np.array(list_of_tuples)``;
+        columns 0.14 vs 0.46 for ``np.array(columns).T``. ``bytearray.join`` keeps the
+        buffer writable for ``map_oov`` without a copy."""
         if form == "objects":
-            # PERF: astuple + fromiter(chain) is ~2x np.array(list_of_tuples) for 1000 x 16.
-            flat = itertools.chain.from_iterable(map(msgspec.structs.astuple, value))
-            ids = np.fromiter(flat, dtype=np.int64, count=len(value) * self.width)
-            ids = ids.reshape(len(value), self.width)
-        elif form == "rows":
-            ids = np.array(value, dtype=np.int64).reshape(len(value), self.width)
-        else:
-            columns = msgspec.structs.astuple(value)
-            lengths = {len(c) for c in columns}
-            if len(lengths) != 1:
-                longest = max(range(self.width), key=lambda i: len(columns[i]))
-                raise InvalidRequest(
-                    f"All columns must have the same length; got lengths {sorted(lengths)}",
-                    field=f"{path}.{self.names[longest]}",
-                )
-            ids = np.ascontiguousarray(np.array(columns, dtype=np.int64).T)
-        return self.map_oov(ids)
+            astuple = msgspec.structs.astuple
+            return bytearray().join(itertools.starmap(self._row.pack, map(astuple, value)))
+        if form == "rows":
+            return bytearray().join(itertools.starmap(self._row.pack, value))
+        # Unequal lengths are reported by _finish, after the repeated keys; packed all the
+        # same, so that an id outside int64 is reported first, as the strict decode did.
+        return bytearray().join(
+            struct.pack(f"={len(c)}q", *c) for c in msgspec.structs.astuple(value)
+        )
+
+    def _finish(self, packed: bytearray, value: Any, form: Form, path: str) -> np.ndarray:
+        flat = np.frombuffer(packed, dtype=np.int64)
+        if form != "columns":
+            return self.map_oov(flat.reshape(len(value), self.width))
+        columns = msgspec.structs.astuple(value)
+        lengths = {len(c) for c in columns}
+        if len(lengths) != 1:
+            longest = max(range(self.width), key=lambda i: len(columns[i]))
+            raise InvalidRequest(
+                f"All columns must have the same length; got lengths {sorted(lengths)}",
+                field=f"{path}.{self.names[longest]}",
+            )
+        return self.map_oov(np.ascontiguousarray(flat.reshape(self.width, -1).T))
 
     def map_oov(self, ids: np.ndarray) -> np.ndarray:
         """Map out-of-vocabulary and negative ids to each field's OOV index, in place."""

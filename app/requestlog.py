@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
 from app import metrics
+
+if TYPE_CHECKING:
+    import sqlite3
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,12 @@ class RequestLogError(Exception):
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode that waits its turn behind the other workers' writers."""
+    """A connection in WAL mode that waits its turn behind the other workers' writers.
+
+    sqlite3 is imported here, not at the top: a worker without ``request_log`` never
+    loads it (~0.9 MiB of RSS, docs/results/issue5_decode_memory.md)."""
+    import sqlite3
+
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1e3, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -114,6 +121,8 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def create(path: Path) -> None:
     """Create the file and schema if needed; refuse a file of another schema version."""
+    import sqlite3
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(path)
@@ -209,6 +218,8 @@ class RequestLog:
                 return
 
     def _write(self, conn: sqlite3.Connection, batch: list[Row]) -> None:
+        import sqlite3  # loaded by connect() already: a dict lookup
+
         try:
             with conn:  # one transaction per batch
                 conn.execute("BEGIN")

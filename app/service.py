@@ -114,6 +114,8 @@ def load_model(name: str, model_dir: Path, config: Config) -> LoadedModel:
         verify_sha256=config.verify_sha256,
         share_weights=config.share_weights,
         shared_arena=config.shared_arena,
+        mem_pattern=config.mem_pattern,
+        prepack=config.prepack_weights,
         profile_dir=config.ort_profile_path if config.ort_profiling else None,
     )
 

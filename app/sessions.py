@@ -226,6 +226,8 @@ class LoadedModel:
         verify_sha256: bool = True,
         share_weights: bool = False,
         shared_arena: bool = False,
+        mem_pattern: bool = True,
+        prepack: bool = True,
         profile_dir: Path | None = None,
     ) -> None:
         self.dir = model_dir
@@ -246,6 +248,8 @@ class LoadedModel:
         self._shared: dict[str, ort.OrtValue] = {}
         self.profile_dir = profile_dir
         self.shared_arena = shared_arena
+        self.mem_pattern = mem_pattern
+        self.prepack = prepack
         self.profiles: list[Path] = []
         try:
             if shared_arena:
@@ -290,6 +294,9 @@ class LoadedModel:
             opts.add_initializer(name, value)
         if self.shared_arena:
             opts.add_session_config_entry("session.use_env_allocators", "1")
+        opts.enable_mem_pattern = self.mem_pattern
+        if not self.prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         if self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             opts.enable_profiling = True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -19,3 +21,20 @@ def int_list(text: str) -> tuple[int, ...]:
 def sorted_int_set(text: str) -> tuple[int, ...]:
     """Like :func:`int_list`, without repeats and in increasing order."""
     return tuple(sorted(set(int_list(text))))
+
+
+def setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``LABEL:key=value,key=value`` (values as JSON, else strings) -> (label, overrides)."""
+    label, sep, rest = text.partition(":")
+    if not sep or not label.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL:key=value,...; got {text!r}")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected key=value; got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return label.strip(), overrides

@@ -62,6 +62,8 @@ class Probe:
     top_k: int = 10
     seed: int = 11
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: Names ``overrides`` in tables (e.g. "mem_pattern on"); "" for none.
+    label: str = ""
 
     def config_overrides(self) -> dict[str, Any]:
         return {
@@ -78,7 +80,7 @@ class Probe:
 
     @property
     def variant(self) -> str:
-        return variant_name(self.share_weights, self.shared_arena)
+        return variant_name(self.share_weights, self.shared_arena, self.label)
 
 
 #: (share_weights, shared_arena) -> the name a table shows.
@@ -90,8 +92,9 @@ VARIANTS = {
 }
 
 
-def variant_name(share_weights: bool, shared_arena: bool) -> str:
-    return VARIANTS[share_weights, shared_arena]
+def variant_name(share_weights: bool, shared_arena: bool, label: str = "") -> str:
+    name = VARIANTS[share_weights, shared_arena]
+    return f"{name}, {label}" if label else name
 
 
 # -- the child -----------------------------------------------------------------------------
@@ -161,6 +164,16 @@ def run_probe(probe: Probe) -> dict[str, Any]:
     }
 
 
+def read_pss(pid: int) -> float:
+    """Proportional set size of a process in MiB (shared pages split among their users:
+    the workers' common libraries and the pages they still share with the master)."""
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 # -- the real stack -------------------------------------------------------------------------
 def stack_rss(
     probe: Probe, requests: int = 600, concurrency: int = 12, workers: int = 2
@@ -200,6 +213,7 @@ def stack_rss(
             with ThreadPoolExecutor(concurrency) as pool:
                 codes = list(pool.map(send, range(requests)))
         after = {pid: read_status(f"/proc/{pid}/status") for pid in pids}
+        pss = {pid: read_pss(pid) for pid in pids}
     return {
         "probe": asdict(probe),
         "workers": workers,
@@ -207,19 +221,25 @@ def stack_rss(
         "ok": codes.count(200),
         "booted_VmRSS_mib": [booted[p]["VmRSS"] for p in pids],
         "after_VmRSS_mib": [after[p]["VmRSS"] for p in pids],
+        "after_Pss_mib": [pss[p] for p in pids],
     }
 
 
 def stack_table(runs: Sequence[dict[str, Any]]) -> str:
-    head = "| pool | sessions | workers | RSS per worker booted | after traffic | requests ok |"
-    rows = [head, "|--:|--:|--:|--:|--:|--:|"]
+    head = (
+        "| pool | sessions | workers | RSS per worker booted | after traffic"
+        " | PSS after traffic | requests ok |"
+    )
+    rows = [head, "|--:|--:|--:|--:|--:|--:|--:|"]
     for r in runs:
         p = r["probe"]
         rows.append(
-            f"| {p['pool_size']} | {variant_name(p['share_weights'], p['shared_arena'])}"
+            f"| {p['pool_size']}"
+            f" | {variant_name(p['share_weights'], p['shared_arena'], p.get('label', ''))}"
             f" | {r['workers']}"
             f" | {' / '.join(f'{v:.1f}' for v in r['booted_VmRSS_mib'])}"
             f" | {' / '.join(f'{v:.1f}' for v in r['after_VmRSS_mib'])}"
+            f" | {' / '.join(f'{v:.1f}' for v in r.get('after_Pss_mib', []))}"
             f" | {r['ok']}/{r['requests']} |"
         )
     return "\n".join(rows)
@@ -241,12 +261,25 @@ def spawn(probe: Probe, timeout: float = 600) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: A labelled set of Config overrides every variant also runs with ("" / {}: none).
+Setting = tuple[str, dict[str, Any]]
+
+
 def grid(
-    pools: Iterable[int], variants: Iterable[tuple[bool, bool]], repeats: int, **traffic: Any
+    pools: Iterable[int],
+    variants: Iterable[tuple[bool, bool]],
+    repeats: int,
+    settings: Sequence[Setting] = (("", {}),),
+    **traffic: Any,
 ) -> list[Probe]:
-    """Every (pool, variant) ``repeats`` times, interleaved so drift hits all alike."""
-    cells = [(p, v) for p in pools for v in variants]
-    return [Probe(p, w, a, **traffic) for _ in range(repeats) for p, (w, a) in cells]
+    """Every (pool, variant, setting) ``repeats`` times, interleaved so drift hits all
+    alike."""
+    cells = [(p, v, s) for p in pools for v in variants for s in settings]
+    return [
+        Probe(p, w, a, **traffic, overrides=dict(over), label=label)
+        for _ in range(repeats)
+        for p, (w, a), (label, over) in cells
+    ]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -260,18 +293,24 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (pool, variant): RSS (median over repeats) and per-call ORT time."""
-    by_cell: dict[tuple[int, bool, bool], list[dict[str, Any]]] = {}
+    by_cell: dict[tuple[int, bool, bool, str], list[dict[str, Any]]] = {}
+    labels: list[str] = []
     for r in results:
         p = r["probe"]
-        key = (p["pool_size"], p["share_weights"], p.get("shared_arena", False))
+        label = p.get("label", "")
+        key = (p["pool_size"], p["share_weights"], p.get("shared_arena", False), label)
         by_cell.setdefault(key, []).append(r)
+        labels += [label] if label not in labels else []
     rows = []
-    for (pool, weights, arena), runs in sorted(by_cell.items()):
+    for (pool, weights, arena, label), runs in sorted(
+        by_cell.items(), key=lambda kv: (*kv[0][:3], labels.index(kv[0][3]))
+    ):
         row: dict[str, Any] = {
             "pool_size": pool,
             "share_weights": weights,
             "shared_arena": arena,
-            "variant": variant_name(weights, arena),
+            "variant": variant_name(weights, arena, label),
+            "label": label,
             "runs": len(runs),
         }
         row["callers"] = runs[0]["callers"]
@@ -319,6 +358,13 @@ def ratios(rows: Sequence[dict[str, Any]], key: str = "ort_ms_p50") -> dict[str,
         a = cell.get((top, variant))
         if a and base and variant != "separate":
             out[f"pool {top}: {variant} / separate"] = a / base
+    # Labelled settings: each over the first label of the same pool and sessions.
+    first: dict[tuple[int, bool, bool], dict[str, Any]] = {}
+    for r in rows:
+        cell_key = (r["pool_size"], r["share_weights"], r["shared_arena"])
+        ref = first.setdefault(cell_key, r)
+        if r is not ref and r.get(key) and ref.get(key):
+            out[f"pool {r['pool_size']}: {r['variant']} / {ref['variant']}"] = r[key] / ref[key]
     return out
 
 

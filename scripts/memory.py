@@ -21,10 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cli import int_list
+from benchmarks.cli import int_list, setting
 from benchmarks.memory import (
     VARIANTS,
-    Probe,
     grid,
     markdown_table,
     ratios,
@@ -50,6 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pools", type=int_list, default=(1, 2, 3, 4, 5, 6), help="[1..6]")
     p.add_argument("--variants", type=variant_list, default=variant_list(DEFAULT_VARIANTS), help="")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        type=setting,
+        action="append",
+        metavar="LABEL:KEY=VALUE,...",
+        help="Config overrides every variant also runs with, side by side (repeatable),"
+        " e.g. --set 'pattern on:mem_pattern=true' --set 'pattern off:mem_pattern=false'",
+    )
     p.add_argument("--repeats", type=int, default=2, help="child runs per cell [2]")
     p.add_argument("--calls", type=int, default=100, help="rankings per caller thread [100]")
     p.add_argument("--callers", type=int, default=0, help="caller threads [the pool size]")
@@ -69,11 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main_stack(args: argparse.Namespace, argv: list[str] | None) -> None:
     t0 = time.monotonic()
     runs = []
-    for pool in args.pools:
-        for weights, arena in args.variants:
-            probe = Probe(pool, weights, arena, n=args.n, stage1_k=args.stage1_k)
-            print(f"[memory] stack pool={pool} {probe.variant}", file=sys.stderr)
-            runs.append(stack_rss(probe, requests=args.stack))
+    for probe in grid(
+        args.pools, args.variants, 1, args.settings or (("", {}),), n=args.n, stage1_k=args.stage1_k
+    ):
+        print(f"[memory] stack pool={probe.pool_size} {probe.variant}", file=sys.stderr)
+        runs.append(stack_rss(probe, requests=args.stack))
     table = stack_table(runs)
     seconds = round(time.monotonic() - t0, 1)
     command = " ".join([".venv/bin/python", "scripts/memory.py", *(argv or sys.argv[1:])])
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         args.pools,
         args.variants,
         args.repeats,
+        args.settings or (("", {}),),
         calls=args.calls,
         callers=args.callers,
         n=args.n,

@@ -372,6 +372,7 @@ def test_reference_topology_file_is_a_valid_config() -> None:
     path = REPO_ROOT / "deploy" / "topologies" / "reference-2x6.toml"
     config = load(env={ENV_FILE: str(path)})
     assert (config.workers, config.pool_size, config.inference) == (2, 6, "executor")
+    assert config.prepack_weights is False and load(env={}).prepack_weights is True
 
 
 # -- front proxy limits --------------------------------------------------------------------

@@ -304,6 +304,59 @@ def test_json_numbers_beyond_int64_are_invalid(raw: bytes, field: str) -> None:
     assert info.value.field == f"candidates[0]{sep}{field}"
 
 
+BEYOND = {"json": (2**63, -(2**63) - 1, 10**30), "msgpack": (2**63, 2**64 - 1)}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(("kind", "value"), [(k, v) for k in KINDS for v in BEYOND[k]])
+def test_an_id_beyond_int64_is_invalid_in_every_form(form: str, kind: str, value: int) -> None:
+    """The hot decoders take any int; packing it into int64 fails and the strict decode
+    names the id, with msgspec's own message."""
+    rows = [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, value]]
+    err = invalid(as_form(rows, form), kind)
+    expected = {
+        "objects": "candidates[2].city",
+        "rows": "candidates[2][3]",
+        "columns": "candidates.city[2]",
+    }
+    assert err.field == expected[form]
+    bound = "<= 9223372036854775807" if value > 0 else ">= -9223372036854775808"
+    assert err.message == f"Expected `int` {bound}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_single_candidate_beyond_int64_is_invalid(kind: str) -> None:
+    raw = encode({**GOOD, "region": 2**63}, kind)
+    with pytest.raises(InvalidRequest) as info:
+        space().decode_one(raw, kind)
+    assert info.value.field == "candidate.region"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        # the first bad value in the body is named, whichever comes first
+        (objects_with(1, hour=2**63) + objects_with(0, hour="x"), "candidates[1].hour"),
+        (objects_with(1, hour="x") + objects_with(0, hour=2**63), "candidates[1].hour"),
+        ([[1, 2, 3, 2**63], [1, 2, 3]], "candidates[0][3]"),
+        ([[1, 2, 3], [1, 2, 3, 2**63]], "candidates[0]"),
+        # an id beyond int64 is named before ragged columns
+        ({"weekday": [1, 2], "hour": [1], "region": [1], "city": [2**63]}, "candidates.city[0]"),
+    ],
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_beyond_int64_and_another_error_name_the_first(kind: str, raw: Any, field: str) -> None:
+    assert invalid(raw, kind).field == field
+
+
+def test_beyond_int64_is_named_before_a_repeated_key() -> None:
+    body = b'[{"weekday": 1, "hour": 1, "region": 1, "city": 9223372036854775808, "city": 1}]'
+    with pytest.raises(InvalidRequest) as info:
+        space().decode(body, "json")
+    assert info.value.field == "candidates[0].city"
+    assert info.value.message == "Expected `int` <= 9223372036854775807"
+
+
 def test_ragged_columns_name_the_longest_column() -> None:
     value = {"weekday": [1, 2], "hour": [1, 2, 3], "region": [1, 2], "city": [1, 2]}
     err = invalid(value)

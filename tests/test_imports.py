@@ -34,8 +34,9 @@ SERVING = [
     "app.status",
     "app.tracing",
 ]
-#: opentelemetry: imported only when a worker builds its tracer (Config.tracing on).
-FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline", "opentelemetry"]
+#: opentelemetry: imported only when a worker builds its tracer (Config.tracing on);
+#: sqlite3 only when it opens its request log (Config.request_log set).
+FORBIDDEN = ["torch", "onnx", "onnxscript", "app.offline", "opentelemetry", "sqlite3"]
 
 
 def imported_after(modules: list[str]) -> set[str]:

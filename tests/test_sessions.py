@@ -352,6 +352,55 @@ def test_shared_weights_on_the_served_models(name: str) -> None:
     np.testing.assert_array_equal(shared.run(ids), separate.run(ids))
 
 
+@pytest.mark.parametrize("name", ["deepfm", "autoint"])
+def test_mem_pattern_off_scores_alike_and_reaches_the_sessions(name: str) -> None:
+    model_dir = REAL_MODELS / name / "1"
+    planned = LoadedModel(model_dir, pool_size=1, share_weights=True, shared_arena=True)
+    unplanned = LoadedModel(
+        model_dir, pool_size=2, share_weights=True, shared_arena=True, mem_pattern=False
+    )
+    assert all(s.get_session_options().enable_mem_pattern for s in planned._sessions)
+    assert not any(s.get_session_options().enable_mem_pattern for s in unplanned._sessions)
+    vocab = np.array([f.vocab_size for f in planned.card.fields])
+    rng = np.random.default_rng(10)
+    for rows in (1, 300, 300, 7):  # the second run of a shape is the one a pattern plans
+        ids = (rng.random((rows, len(vocab))) * vocab).astype(np.int64)
+        np.testing.assert_array_equal(unplanned.run(ids), planned.run(ids))
+
+
+@pytest.mark.parametrize("name", ["deepfm", "autoint"])
+def test_prepacking_off_scores_alike_and_reaches_the_sessions(name: str) -> None:
+    model_dir = REAL_MODELS / name / "1"
+    packed = LoadedModel(model_dir, pool_size=1, share_weights=True, shared_arena=True)
+    unpacked = LoadedModel(
+        model_dir, pool_size=2, share_weights=True, shared_arena=True, prepack=False
+    )
+    key = "session.disable_prepacking"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set
+        packed._sessions[0].get_session_options().get_session_config_entry(key)
+    for sess in unpacked._sessions:
+        assert sess.get_session_options().get_session_config_entry(key) == "1"
+    vocab = np.array([f.vocab_size for f in packed.card.fields])
+    ids = (np.random.default_rng(11).random((300, len(vocab))) * vocab).astype(np.int64)
+    # Another GEMM kernel layout: the same scores up to float rounding.
+    np.testing.assert_allclose(unpacked.run(ids), packed.run(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_the_farm_passes_mem_pattern_to_its_sessions() -> None:
+    from app.config import load
+    from app.service import load_model
+
+    for setting in (False, True):
+        config = load(overrides={"mem_pattern": setting}, env={})
+        model = load_model("deepfm", REAL_MODELS / "deepfm" / "1", config)
+        assert model._sessions[0].get_session_options().enable_mem_pattern is setting
+    assert load(env={}).mem_pattern is False
+    config = load(overrides={"prepack_weights": False}, env={})
+    model = load_model("deepfm", REAL_MODELS / "deepfm" / "1", config)
+    options = model._sessions[0].get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
+
+
 def test_register_env_arena_is_idempotent() -> None:
     register_env_arena()
     register_env_arena()  # ORT would refuse a second allocator for the same device

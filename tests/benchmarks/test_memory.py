@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,45 @@ def test_summarize_takes_medians_and_pools_samples() -> None:
     assert "| 6 | shared weights+arena | 165.0 |" in table
 
 
+def labelled(run: dict[str, Any], label: str, **overrides: Any) -> dict[str, Any]:
+    return {**run, "probe": {**run["probe"], "label": label, "overrides": overrides}}
+
+
+def test_settings_run_side_by_side_and_get_ratios() -> None:
+    settings = (("on", {"mem_pattern": True}), ("off", {"mem_pattern": False}))
+    probes = memory.grid((1, 6), ((True, True),), repeats=2, settings=settings, calls=3)
+    cells = [(p.pool_size, p.variant, p.overrides["mem_pattern"]) for p in probes]
+    assert cells[:4] == cells[4:]
+    assert cells[:4] == [
+        (1, "shared weights+arena, on", True),
+        (1, "shared weights+arena, off", False),
+        (6, "shared weights+arena, on", True),
+        (6, "shared weights+arena, off", False),
+    ]
+    assert probes[1].config_overrides()["mem_pattern"] is False
+    runs = [
+        labelled(fake_run(1, True, True, 150, 8), "on"),
+        labelled(fake_run(1, True, True, 120, 8), "off"),
+        labelled(fake_run(6, True, True, 165, 24), "on"),
+        labelled(fake_run(6, True, True, 135, 12), "off"),
+    ]
+    rows = memory.summarize(runs)
+    assert [r["variant"] for r in rows] == [
+        "shared weights+arena, on",
+        "shared weights+arena, off",
+    ] * 2
+    rel = memory.ratios(rows, "after_VmRSS_mib")
+    assert rel["pool 1: shared weights+arena, off / shared weights+arena, on"] == 120 / 150
+    assert rel["pool 6: shared weights+arena, off / shared weights+arena, on"] == 135 / 165
+    ort = memory.ratios(rows, "ort_ms_p50")
+    assert ort["pool 6: shared weights+arena, off / shared weights+arena, on"] == 0.5
+
+
+def test_read_pss_is_at_most_rss() -> None:
+    pss = memory.read_pss(os.getpid())
+    assert 1 < pss <= memory.read_status()["VmRSS"] + 1
+
+
 def test_read_status_in_mib() -> None:
     status = memory.read_status()
     assert set(status) == set(memory.STATUS_KEYS)
@@ -123,11 +163,32 @@ def test_memory_script_smoke(tmp_path: Path) -> None:
         "100",
         "--stage1-k",
         "20",
+        "--set",
+        "pattern:mem_pattern=true",
+        "--set",
+        "no pattern:mem_pattern=false",
         "--out",
         str(out),
     )
-    assert "| 1 | separate |" in proc.stdout and "| 1 | shared weights |" in proc.stdout
+    assert "| 1 | separate, pattern |" in proc.stdout
+    assert "| 1 | shared weights, no pattern |" in proc.stdout
+    assert "pool 1: separate, no pattern / separate, pattern = " in proc.stdout
     lines = out.with_suffix(".csv").read_text().splitlines()
     assert lines[0].startswith("pool_size,share_weights,shared_arena,variant")
-    assert len(lines) == 3
+    assert len(lines) == 5
     assert out.with_suffix(".md").read_text().startswith("# Worker memory")
+
+
+def test_stack_table_shows_rss_and_pss_per_worker() -> None:
+    run = {
+        "probe": {"pool_size": 6, "share_weights": True, "shared_arena": True, "label": "off"},
+        "workers": 2,
+        "requests": 10,
+        "ok": 10,
+        "booted_VmRSS_mib": [145.6, 145.7],
+        "after_VmRSS_mib": [154.2, 154.4],
+        "after_Pss_mib": [120.5, 121.0],
+    }
+    table = memory.stack_table([run])
+    assert "| 6 | shared weights+arena, off | 2 | 145.6 / 145.7 | 154.2 / 154.4" in table
+    assert "| 120.5 / 121.0 | 10/10 |" in table
