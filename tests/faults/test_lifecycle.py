@@ -245,9 +245,10 @@ def test_master_signal_drains_requests_in_flight(
 ) -> None:
     assert stack.gunicorn is not None
     body = rank_body(stack.config, 100, 3)
-    # Two slower rankings (~0.2 s) in flight at the signal; not more: requests that wait
-    # past max_queue_wait_ms for the worker's inference slot would be shed (an app 503).
-    slow_body = rank_body(stack.config, 2000, 4, multi_stage=False)
+    # Two slower rankings (~0.15 s: AutoInt on 3000) in flight at the signal; not more:
+    # requests that wait past max_queue_wait_ms for the worker's inference slot would be
+    # shed (an app 503). (2000 candidates, ~0.1 s with autoint/2, could finish before it.)
+    slow_body = rank_body(stack.config, 3000, 4, multi_stage=False)
     load = OpenLoad(stack.url, [("/rank", body)], RATE, SECONDS)
     load.start()
     wait_until(lambda: load.done() >= 100, 30, "the load to flow")

@@ -20,7 +20,7 @@ import pytest
 
 from app import metrics
 from tests.dashboard_check import problems, registry_catalog, scrape_catalog
-from tests.faults.test_degrade import ids_matrix, rank, start
+from tests.faults.test_degrade import FIELDS, ids_matrix, rank, start
 from tests.test_dashboard import QUERIES
 
 pytestmark = pytest.mark.integration
@@ -47,6 +47,10 @@ def scraped() -> Iterator[dict[str, frozenset[str]]]:
         for _ in range(2):
             assert rank(client, good)["answered_by"] == "stage2"
             resp = client.post("/predict", json={"candidates": good[:3].tolist()})
+            assert resp.status_code == 200, resp.text
+            # One candidate: the micro-batched path (its batch-size histogram).
+            one = dict(zip((name for name, _ in FIELDS), good[0].tolist(), strict=True))
+            resp = client.post("/predict", json={"candidate": one})
             assert resp.status_code == 200, resp.text
         for _ in range(3):  # breaker_failures: the third failure opens autoint's breaker
             assert rank(client, poisoned)["reason"] == "stage_error"
