@@ -72,10 +72,12 @@ class Deadline:
         field_ms: int | None,
         header_ms: int | None,
         default_ms: int,
-        start_header: str | None,
+        waited_s: float = 0.0,
     ) -> Deadline:
+        """The body's budget, else the header's, else the default; ``waited_s`` is the
+        time since nginx received the request (``parse_start`` of its stamp)."""
         budget = field_ms or header_ms or default_ms
-        return cls(budget, parse_start(start_header, time.time()))
+        return cls(budget, waited_s)
 
     def remaining_ms(self) -> float:
         return (self.expires_at - time.monotonic()) * 1e3

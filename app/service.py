@@ -521,8 +521,9 @@ class Farm:
     def deadline(self, field_ms: int | None, header_ms: int | None, waited_s: float) -> Deadline:
         """The request's deadline; 503 at once if it has already passed (queued too long).
         ``waited_s``: the time since nginx received it (``parse_start``)."""
-        budget = field_ms or header_ms or self.config.default_timeout_ms
-        deadline = Deadline(budget, waited_s)
+        deadline = Deadline.from_request(
+            field_ms, header_ms, self.config.default_timeout_ms, waited_s
+        )
         if deadline.remaining_ms() <= 0:
             raise DeadlineExceeded(
                 f"the request waited {deadline.elapsed_ms():.0f} ms before reaching a worker;"
@@ -608,7 +609,8 @@ class Farm:
     def _run_batch(
         self, lineup: Lineup, model: LoadedModel, key: str, ids: np.ndarray
     ) -> np.ndarray:
-        """One run of a micro-batch: what :meth:`predict` does after decoding."""
+        """Score decoded ids and sample them for drift: :meth:`predict` after decoding,
+        and one run of a micro-batch."""
         scores = _score(lineup, model, ids)
         self.drift.record(key, ids, scores)
         return scores
@@ -698,9 +700,7 @@ class Farm:
                     " use /rank for more",
                     field="candidates",
                 )
-        scores = _score(lineup, model, ids)
-        self.drift.record(model.key, ids, scores)
-        return scores, model
+        return self._run_batch(lineup, model, model.key, ids), model
 
     def _model(self, lineup: Lineup, name: str | None) -> LoadedModel:
         model = lineup.models.get(self.config.predict_model if name is None else name)

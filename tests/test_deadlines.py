@@ -11,14 +11,14 @@ from app.errors import InvalidRequest
 
 
 def test_budget_precedence_field_then_header_then_default() -> None:
-    assert Deadline.from_request(50, 70, 1000, None).budget_ms == 50
-    assert Deadline.from_request(None, 70, 1000, None).budget_ms == 70
-    assert Deadline.from_request(None, None, 1000, None).budget_ms == 1000
+    assert Deadline.from_request(50, 70, 1000).budget_ms == 50
+    assert Deadline.from_request(None, 70, 1000).budget_ms == 70
+    assert Deadline.from_request(None, None, 1000).budget_ms == 1000
 
 
 def test_time_since_nginx_is_subtracted() -> None:
     stamp = f"t={time.time() - 0.300:.3f}"
-    deadline = Deadline.from_request(None, None, 1000, stamp)
+    deadline = Deadline.from_request(None, None, 1000, parse_start(stamp, time.time()))
     assert 650 < deadline.remaining_ms() < 710
     assert 290 < deadline.elapsed_ms() < 350
 
