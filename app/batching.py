@@ -37,6 +37,7 @@ RunBatch = Callable[[str, np.ndarray], np.ndarray]
 
 @dataclass(slots=True)
 class _Batch:
+    run: RunBatch
     rows: list[np.ndarray] = field(default_factory=list)
     waiters: list[asyncio.Future[np.ndarray]] = field(default_factory=list)
     deadlines: list[Deadline | None] = field(default_factory=list)
@@ -58,7 +59,6 @@ class PredictBatcher:
         #: ``on_run(key, rows)`` after each successful run (the batch-size metric).
         self.on_run = on_run
         self._pending: dict[str, _Batch] = {}
-        self._runs: dict[str, RunBatch] = {}
         #: Runs and rows so far (``rows / runs``: the mean batch size).
         self.runs = 0
         self.rows = 0
@@ -70,8 +70,7 @@ class PredictBatcher:
         loop = asyncio.get_running_loop()
         batch = self._pending.get(key)
         if batch is None:
-            batch = self._pending[key] = _Batch()
-            self._runs[key] = run
+            batch = self._pending[key] = _Batch(run)
             if self.wait_s > 0:
                 batch.timer = loop.call_later(self.wait_s, self.flush, key)
             else:
@@ -91,7 +90,6 @@ class PredictBatcher:
             return
         if batch.timer is not None:
             batch.timer.cancel()
-        run = self._runs.pop(key)
         rows, waiters = [], []
         for ids, waiter, deadline in zip(batch.rows, batch.waiters, batch.deadlines, strict=True):
             if waiter.done():  # cancelled: the client went away
@@ -110,7 +108,7 @@ class PredictBatcher:
         if not rows:
             return
         try:
-            scores = run(key, rows[0] if len(rows) == 1 else np.concatenate(rows))
+            scores = batch.run(key, rows[0] if len(rows) == 1 else np.concatenate(rows))
         except Exception as exc:  # every caller of a failed run gets its failure
             for waiter in waiters:
                 waiter.set_exception(exc)
